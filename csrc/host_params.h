@@ -1,0 +1,158 @@
+// Host side, shared by every device: checks the op's tensors (the invariants
+// effattn/spec.py establishes; the ops may also be called directly through
+// torch.ops.effattn) and fills the plain params structs from them, allocating
+// outputs in the memory layout of the input they mirror.
+//
+// Uses only PyTorch's stable ABI (torch/csrc/stable), so one abi3 wheel serves
+// every torch >= 2.10.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <string>
+
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include "params.h"
+
+namespace effattn {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+inline ScalarType accum_dtype(ScalarType t) {
+  return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+}
+
+inline void check_attention_tensor(const Tensor& t, const char* name) {
+  STD_TORCH_CHECK(t.dim() == 4, "effattn: ", name,
+                  " must be 4-D (batch, heads, seq, dim), got ", t.dim(), " dims");
+  STD_TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "effattn: ", name,
+                  " must have a contiguous last dimension (stride 1), got stride ",
+                  t.stride(3));
+}
+
+inline void check_same(int64_t got, int64_t want, const char* name, int dim,
+                       const char* what) {
+  STD_TORCH_CHECK(got == want, "effattn: ", name, ".size(", dim, ") = ", got,
+                  " but expected ", want, " (", what, ")");
+}
+
+// Outputs follow the layout of the input they mirror: dims 0..2 in the
+// input's stride order, last dim contiguous. Size-1 dims (whose strides mean
+// nothing) go outermost, so the rule does not depend on their strides.
+// effattn/ops.py implements the same rule for the fake (meta) kernels.
+inline Tensor empty_in_layout_of(const Tensor& like, std::array<int64_t, 4> sizes,
+                                 ScalarType dtype) {
+  std::array<int64_t, 3> order = {0, 1, 2};
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    const bool a1 = like.size(a) <= 1, b1 = like.size(b) <= 1;
+    if (a1 != b1) return a1;  // size-1 dims first (outermost)
+    if (a1) return false;     // keep natural order among size-1 dims
+    return like.stride(a) > like.stride(b);
+  });
+  std::array<int64_t, 4> physical = {sizes[order[0]], sizes[order[1]],
+                                     sizes[order[2]], sizes[3]};
+  Tensor t = torch::stable::new_empty(like, physical, dtype);
+  std::array<int64_t, 4> inverse = {0, 0, 0, 3};
+  for (int64_t i = 0; i < 3; ++i) inverse[order[i]] = i;
+  return torch::stable::permute(t, inverse);
+}
+
+inline const int64_t* lengths_ptr(const std::optional<Tensor>& t, const char* name,
+                                  int64_t batch, int64_t max_len) {
+  if (!t.has_value()) return nullptr;
+  STD_TORCH_CHECK(t->scalar_type() == ScalarType::Long, "effattn: ", name,
+                  " must be int64 here (effattn.attention converts it)");
+  STD_TORCH_CHECK(t->dim() == 1 && t->size(0) == batch, "effattn: ", name,
+                  " must have shape (", batch, ",)");
+  STD_TORCH_CHECK(t->is_contiguous(), "effattn: ", name, " must be contiguous");
+  const int64_t* ptr = t->const_data_ptr<int64_t>();
+  if (!t->is_cuda()) {  // values are readable on the host: check them
+    for (int64_t b = 0; b < batch; ++b)
+      STD_TORCH_CHECK(ptr[b] >= 0 && ptr[b] <= max_len, "effattn: ", name, "[", b,
+                      "] = ", ptr[b], " is outside [0, ", max_len, "]");
+  }
+  return ptr;
+}
+
+// Fills everything of FwdParams except the output pointers.
+inline FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const std::optional<Tensor>& mask,
+                                 const std::optional<Tensor>& key_lengths,
+                                 const std::optional<Tensor>& query_lengths,
+                                 double scale, bool is_causal, int64_t window_left,
+                                 int64_t window_right) {
+  check_attention_tensor(q, "query");
+  check_attention_tensor(k, "key");
+  check_attention_tensor(v, "value");
+  STD_TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                  "effattn: query, key and value must have the same dtype");
+  FwdParams p;
+  p.batch = q.size(0);
+  p.heads_q = q.size(1);
+  p.heads_kv = k.size(1);
+  p.seqlen_q = q.size(2);
+  p.seqlen_k = k.size(2);
+  p.head_dim = q.size(3);
+  p.head_dim_v = v.size(3);
+  check_same(k.size(0), p.batch, "key", 0, "batch of query");
+  check_same(v.size(0), p.batch, "value", 0, "batch of query");
+  check_same(v.size(1), p.heads_kv, "value", 1, "heads of key");
+  check_same(v.size(2), p.seqlen_k, "value", 2, "sequence length of key");
+  check_same(k.size(3), p.head_dim, "key", 3, "head dim of query");
+  STD_TORCH_CHECK(p.heads_kv > 0 && p.heads_q % p.heads_kv == 0,
+                  "effattn: query heads (", p.heads_q,
+                  ") must be a multiple of key/value heads (", p.heads_kv, ")");
+  STD_TORCH_CHECK(window_left >= kUnbounded && window_right >= kUnbounded,
+                  "effattn: window sizes must be >= 0, or -1 for unbounded");
+
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.q_batch_stride = q.stride(0); p.q_head_stride = q.stride(1); p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0); p.k_head_stride = k.stride(1); p.k_row_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0); p.v_head_stride = v.stride(1); p.v_row_stride = v.stride(2);
+
+  if (mask.has_value()) {
+    const Tensor& m = *mask;
+    STD_TORCH_CHECK(m.dim() == 4, "effattn: attn_mask must be a 4-D broadcast view here");
+    check_same(m.size(0), p.batch, "attn_mask", 0, "batch");
+    check_same(m.size(1), p.heads_q, "attn_mask", 1, "query heads");
+    check_same(m.size(2), p.seqlen_q, "attn_mask", 2, "query length");
+    check_same(m.size(3), p.seqlen_k, "attn_mask", 3, "key length");
+    if (m.scalar_type() == ScalarType::Bool) {
+      p.mask_kind = MaskKind::kBool;
+    } else if (m.scalar_type() == q.scalar_type()) {
+      p.mask_kind = MaskKind::kSameAsQ;
+    } else {
+      STD_TORCH_CHECK(m.scalar_type() == ScalarType::Float,
+                      "effattn: attn_mask must be bool, float32 or the dtype of query");
+      p.mask_kind = MaskKind::kFloat32;
+    }
+    p.mask = m.const_data_ptr();
+    p.mask_batch_stride = m.stride(0); p.mask_head_stride = m.stride(1);
+    p.mask_row_stride = m.stride(2); p.mask_col_stride = m.stride(3);
+  }
+  p.key_lengths = lengths_ptr(key_lengths, "key_lengths", p.batch, p.seqlen_k);
+  p.query_lengths = lengths_ptr(query_lengths, "query_lengths", p.batch, p.seqlen_q);
+
+  p.scale = scale;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  if (is_causal)  // top-left aligned, as SDPA's is_causal
+    p.window_right = window_right == kUnbounded ? 0 : std::min<int64_t>(window_right, 0);
+  return p;
+}
+
+inline void set_out(FwdParams& p, const Tensor& out, const Tensor& lse) {
+  p.out = out.mutable_data_ptr();
+  p.lse = lse.mutable_data_ptr();
+  p.o_batch_stride = out.stride(0); p.o_head_stride = out.stride(1); p.o_row_stride = out.stride(2);
+}
+
+}  // namespace effattn

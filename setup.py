@@ -1,0 +1,52 @@
+"""Builds effattn._C: the CPU kernels always, CUDA sources when a CUDA toolchain is found.
+
+All C++/CUDA code uses only PyTorch's stable ABI and is compiled for torch 2.10
+(TORCH_TARGET_VERSION) and the CPython limited API (abi3), so one
+``cp39-abi3`` wheel runs on every torch >= 2.10 and Python >= 3.9.
+
+Environment:
+  EFFATTN_CPU_ONLY=1       skip the CUDA sources even if nvcc is there
+  TORCH_CUDA_ARCH_LIST     architectures for the CUDA sources (default "8.0;8.6;8.9;9.0")
+  DEBUG=1                  -O0 -g
+  MAX_JOBS                 parallel compile jobs (ninja)
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEBUG = os.environ.get("DEBUG", "0") == "1"
+TORCH_TARGET = "-DTORCH_TARGET_VERSION=0x020a000000000000"  # stable ABI of torch 2.10
+
+
+def rel(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
+
+
+def extension():
+    cxx = ["-O0", "-g"] if DEBUG else ["-O3"]
+    cxx += ["-std=c++17", "-fvisibility=hidden", TORCH_TARGET, "-DEFFATTN_PYTHON_MODULE"]
+    sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
+    cuda_sources = rel("csrc/cuda/**/*.cu") + rel("csrc/cuda/**/*.cpp")
+    use_cuda = bool(cuda_sources) and CUDA_HOME is not None and os.environ.get("EFFATTN_CPU_ONLY", "0") != "1"
+    common = dict(name="effattn._C", include_dirs=[os.path.join(ROOT, "csrc")], py_limited_api=True)
+    if not use_cuda:
+        return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
+    nvcc = (["-O0", "-g", "-lineinfo"] if DEBUG else ["-O3", "-lineinfo"]) + [
+        "-std=c++17", TORCH_TARGET, "--use_fast_math", "--expt-relaxed-constexpr",
+    ]
+    return CUDAExtension(
+        sources=sources + cuda_sources,
+        extra_compile_args={"cxx": cxx + ["-DEFFATTN_WITH_CUDA"], "nvcc": nvcc},
+        **common,
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
