@@ -1,1 +1,14 @@
+"""effattn: exact, memory-efficient attention for PyTorch.
 
+    import effattn
+    out = effattn.attention(q, k, v, is_causal=True)   # SDPA's signature
+    print(effattn.backends())                           # what runs here
+"""
+from . import ops  # noqa: F401  (loads effattn._C and registers fake/autograd)
+from . import reference  # noqa: F401
+from . import backends  # noqa: F401  (callable: effattn.backends(...))
+from .api import attention
+from .spec import AttentionSpec, make_spec
+
+__version__ = "0.1.0"
+__all__ = ["attention", "backends", "reference", "AttentionSpec", "make_spec", "__version__"]

@@ -1,0 +1,81 @@
+"""Backend registry and dispatcher.
+
+``effattn.backends()`` lists the backends and whether each is usable here;
+``effattn.backends(q, k, v, **kwargs)`` says, for that call, which backends can
+serve it and why each other one cannot. (This package is callable for that.)
+
+``auto`` picks the first backend in ``PRIORITY`` that can serve the call;
+the reference math comes last, with a warning, since it materialises the
+(L, S) score matrix.
+"""
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+from typing import Dict, List
+
+from ..spec import AttentionSpec, make_spec
+from .base import Backend
+from .cpu import CpuBackend
+from .reference import ReferenceBackend
+
+# Fastest first. GPU backends (Triton, CUDA) are inserted ahead of the
+# reference when they land.
+PRIORITY: List[Backend] = [CpuBackend(), ReferenceBackend()]
+BY_NAME: Dict[str, Backend] = {b.name: b for b in PRIORITY}
+
+
+class BackendReport(dict):
+    """name -> list of reasons it cannot serve (empty: it can)."""
+
+    def usable(self) -> List[str]:
+        return [name for name, reasons in self.items() if not reasons]
+
+    def __str__(self) -> str:
+        lines = []
+        for name, reasons in self.items():
+            lines.append(f"{name}: " + ("ok" if not reasons else "no: " + "; ".join(reasons)))
+        return "\n".join(lines)
+
+
+def report(*args, **kwargs) -> BackendReport:
+    """Which backends can serve a call (or, with no arguments, exist here)."""
+    if not args and not kwargs:
+        return BackendReport((b.name, b.unavailable_reasons()) for b in PRIORITY)
+    spec = make_spec(*args, **kwargs)
+    return BackendReport((b.name, b.reasons(spec)) for b in PRIORITY)
+
+
+def select(spec: AttentionSpec, backend: str = "auto") -> Backend:
+    if backend != "auto":
+        if backend not in BY_NAME:
+            raise ValueError(f"effattn.attention: unknown backend {backend!r}; "
+                             f"choose 'auto' or one of {sorted(BY_NAME)}")
+        chosen = BY_NAME[backend]
+        reasons = chosen.reasons(spec)
+        if reasons:
+            raise RuntimeError(f"effattn.attention: backend {backend!r} cannot serve this call: "
+                               + "; ".join(reasons))
+        return chosen
+    skipped = []
+    for b in PRIORITY:
+        reasons = b.reasons(spec)
+        if not reasons:
+            if b.materializes_scores and skipped:
+                warnings.warn("effattn: no fused backend can serve this call ("
+                              + " | ".join(skipped) + "); falling back to the reference math, "
+                              "which materialises the (L, S) score matrix", stacklevel=3)
+            return b
+        skipped.append(f"{b.name}: " + "; ".join(reasons))
+    raise RuntimeError("effattn.attention: no backend can serve this call: " + " | ".join(skipped))
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``effattn.backends(...)`` be called while it stays a package."""
+
+    def __call__(self, *args, **kwargs) -> BackendReport:
+        return report(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,46 @@
+"""What every backend declares: where it runs, what it serves, and how it runs."""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+from ..spec import AttentionSpec
+
+
+class Backend:
+    """A way to compute attention for an :class:`AttentionSpec`.
+
+    Subclasses set the class attributes and implement ``forward``; the
+    dispatcher calls ``unavailable_reasons`` (is it usable on this machine at
+    all?) and ``not_supported_reasons`` (can it serve this call?), each a list
+    of sentences, empty meaning yes. Tests are generated from these
+    declarations.
+    """
+
+    name: str = ""
+    devices: Tuple[str, ...] = ()
+    dtypes: Tuple[torch.dtype, ...] = ()
+    supports_mask_grad: bool = False
+    materializes_scores: bool = False  # True only for the reference math
+
+    def unavailable_reasons(self) -> List[str]:
+        return []
+
+    def not_supported_reasons(self, spec: AttentionSpec) -> List[str]:
+        reasons = []
+        if spec.device.type not in self.devices:
+            reasons.append(f"runs on {'/'.join(self.devices)} tensors, not {spec.device.type}")
+        if spec.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"supports dtypes {names}, not {str(spec.dtype).replace('torch.', '')}")
+        if spec.mask_needs_grad and not self.supports_mask_grad:
+            reasons.append("does not compute the gradient of attn_mask (the mask requires grad)")
+        return reasons
+
+    def reasons(self, spec: AttentionSpec) -> List[str]:
+        return self.unavailable_reasons() or self.not_supported_reasons(spec)
+
+    def forward(self, spec: AttentionSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable (out (B, Hq, L, Ev), lse (B, Hq, L))."""
+        raise NotImplementedError

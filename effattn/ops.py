@@ -1,0 +1,80 @@
+"""Python registrations for the C++ ops declared in csrc/ops.cpp.
+
+* ``register_fake`` for ``effattn::fwd`` and ``effattn::bwd`` so that
+  ``torch.compile`` and other tracers see shapes, dtypes and strides;
+* ``register_autograd`` for ``effattn::fwd`` so that its backward is the
+  recompute kernel ``effattn::bwd`` (the forward saves only out and the lse).
+
+Importing this module loads ``effattn._C``; ``LOAD_ERROR`` holds why that
+failed (the cpu backend then reports it as its reason).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loads the library: registers the ops)
+
+    LOAD_ERROR: Optional[str] = None
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    LOAD_ERROR = f"effattn._C could not be loaded ({exc}); reinstall effattn"
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def empty_in_layout_of(like: torch.Tensor, sizes: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """The layout rule of csrc/host_params.h (keep the two in step): dims 0..2
+    in ``like``'s stride order, size-1 dims outermost, last dim contiguous."""
+    def key(d):
+        return (0, 0) if like.shape[d] <= 1 else (1, -like.stride(d))
+
+    order = sorted(range(3), key=key)
+    t = like.new_empty([sizes[d] for d in order] + [sizes[3]], dtype=dtype)
+    inverse = [0, 0, 0, 3]
+    for i, d in enumerate(order):
+        inverse[d] = i
+    return t.permute(*inverse)
+
+
+if LOAD_ERROR is None:
+
+    @torch.library.register_fake("effattn::fwd")
+    def _fwd_fake(q, k, v, mask, key_lengths, query_lengths, scale, is_causal, window_left, window_right):
+        B, H, L, _ = q.shape
+        out = empty_in_layout_of(q, (B, H, L, v.shape[3]), q.dtype)
+        lse = q.new_empty((B, H, L), dtype=accum_dtype(q.dtype))
+        return out, lse
+
+    @torch.library.register_fake("effattn::bwd")
+    def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, mask, key_lengths, query_lengths, scale,
+                  is_causal, window_left, window_right):
+        return (empty_in_layout_of(q, q.shape, q.dtype), empty_in_layout_of(k, k.shape, k.dtype),
+                empty_in_layout_of(v, v.shape, v.dtype))
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, mask, key_lengths, query_lengths, scale, is_causal, window_left, window_right = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, mask, key_lengths, query_lengths)
+        ctx.flags = (scale, is_causal, window_left, window_right)
+
+    def _backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, mask, key_lengths, query_lengths = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        elif grad_out.shape[-1] > 1 and grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()  # e.g. the stride-0 gradient of out.sum()
+        dq, dk, dv = torch.ops.effattn.bwd(grad_out, grad_lse, q, k, v, out, lse, mask, key_lengths,
+                                           query_lengths, *ctx.flags)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("effattn::fwd", _backward, setup_context=_setup_context)
+
+
+def fwd(spec) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Runs effattn::fwd (differentiable) on a normalised AttentionSpec."""
+    return torch.ops.effattn.fwd(spec.q, spec.k, spec.v, spec.mask, spec.key_lengths, spec.query_lengths,
+                                 spec.scale, spec.is_causal, spec.window_left, spec.window_right)

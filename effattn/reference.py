@@ -1,0 +1,83 @@
+"""The math oracle: plain PyTorch attention that materialises the score matrix.
+
+It implements exactly the semantics of :func:`effattn.attention` (on the
+normalised :class:`~effattn.spec.AttentionSpec`), in any dtype, float64
+included, and is differentiable through autograd. It is the test oracle, the
+``reference`` backend (the fallback of last resort) and the benchmarks' naive
+baseline. It allocates (B, H, L, S) tensors: never use it for long sequences.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .spec import AttentionSpec, make_spec
+
+
+def structure_mask(spec: AttentionSpec) -> Optional[torch.Tensor]:
+    """Bool (B, 1, L, S): True where causal/window/lengths let query i see key j."""
+    L, S, dev = spec.seqlen_q, spec.seqlen_k, spec.device
+    i = torch.arange(L, device=dev).view(1, 1, L, 1)
+    j = torch.arange(S, device=dev).view(1, 1, 1, S)
+    allowed = torch.ones(1, 1, L, S, dtype=torch.bool, device=dev)
+    left, right = spec.window
+    if spec.is_causal:  # top-left aligned, as SDPA
+        right = 0 if right < 0 else min(right, 0)
+    if left >= 0:
+        allowed = allowed & (j >= i - left)
+    if right >= 0:
+        allowed = allowed & (j <= i + right)
+    if spec.key_lengths is not None:
+        allowed = allowed & (j < spec.key_lengths.view(-1, 1, 1, 1))
+    if spec.query_lengths is not None:
+        allowed = allowed & (i < spec.query_lengths.view(-1, 1, 1, 1))
+    return allowed
+
+
+def reference_forward(spec: AttentionSpec, compute_dtype: Optional[torch.dtype] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Hq, L, Ev), lse (B, Hq, L)).
+
+    compute_dtype: the precision of the math and of ``out`` (default: the input
+    dtype, as PyTorch's math attention computes); float64 makes it the oracle.
+    lse is float32, or float64 when inputs or compute_dtype are float64.
+    """
+    dt = compute_dtype or spec.dtype
+    q, k, v = spec.q.to(dt), spec.k.to(dt), spec.v.to(dt)
+    group = spec.heads_q // spec.heads_kv
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * spec.scale
+    if spec.mask is not None:
+        if spec.mask.dtype == torch.bool:
+            scores = scores.masked_fill(~spec.mask, float("-inf"))
+        else:
+            scores = scores + spec.mask.to(dt)
+    scores = scores.masked_fill(~structure_mask(spec), float("-inf"))
+    # Softmax that gives zeros (not NaN) for rows without any visible key. The
+    # row max is detached: softmax and lse do not depend on it mathematically.
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = row_max.masked_fill(torch.isinf(row_max), 0.0)
+    e = torch.exp(scores - row_max)
+    denom = e.sum(dim=-1, keepdim=True)
+    empty = denom == 0
+    denom_safe = denom.masked_fill(empty, 1.0)
+    out = torch.matmul(e / denom_safe, v)
+    lse = (row_max + torch.log(denom_safe)).masked_fill(empty, float("-inf")).squeeze(-1)
+    lse_dtype = torch.float64 if spec.dtype == torch.float64 or dt == torch.float64 else torch.float32
+    return out, lse.to(lse_dtype)
+
+
+def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              enable_gqa=False, *, key_lengths=None, query_lengths=None, window=None,
+              return_lse=False, compute_dtype: Optional[torch.dtype] = None):
+    """:func:`effattn.attention`'s signature, computed by the reference math.
+
+    compute_dtype=torch.float64 gives the oracle's answer, in float64."""
+    spec = make_spec(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                     key_lengths=key_lengths, query_lengths=query_lengths, window=window)
+    out, lse = reference_forward(spec, compute_dtype)
+    out = spec.to_caller_shape(out)
+    return (out, spec.to_caller_shape(lse)) if return_lse else out
