@@ -1,0 +1,238 @@
+"""Every option of effattn.attention, for every fused backend usable here,
+against the float64 reference: forward and gradients."""
+import pytest
+import torch
+
+import effattn
+from conftest import DTYPES, check_against_oracle, kernel_backends, make_qkv
+
+BACKENDS = kernel_backends("cpu")
+
+
+def test_there_is_a_cpu_kernel_to_test():
+    # Guards against the whole matrix skipping silently if the build broke.
+    assert "cpu" in BACKENDS, effattn.backends()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L,S", [(1, 1), (1, 97), (97, 1), (97, 97), (64, 128), (130, 70)])
+@pytest.mark.parametrize("E", [16, 40, 72])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sizes_dtypes(backend, dtype, L, S, E, causal):
+    q, k, v = make_qkv(B=2, Hq=2, L=L, S=S, E=E, dtype=dtype)
+    check_against_oracle(q, k, v, backend, is_causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_1025(backend, dtype, causal):
+    q, k, v = make_qkv(B=1, Hq=2, L=1025, S=1025, E=64, dtype=dtype)
+    check_against_oracle(q, k, v, backend, is_causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("E", [96, 128, 256])
+def test_large_head_dims(backend, E):
+    q, k, v = make_qkv(B=1, Hq=2, L=70, S=90, E=E, dtype=torch.bfloat16)
+    check_against_oracle(q, k, v, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_value_dim_differs(backend, dtype):
+    q, k, v = make_qkv(L=50, S=60, E=32, Ev=24, dtype=dtype)
+    check_against_oracle(q, k, v, backend, is_causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["blhe", "strided"])
+def test_strided_layouts(backend, dtype, layout):
+    q, k, v = make_qkv(B=2, Hq=4, L=65, S=33, E=24, dtype=dtype, layout=layout)
+    check_against_oracle(q, k, v, backend, is_causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Hq,Hkv", [(4, 2), (6, 1), (8, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gqa(backend, Hq, Hkv, dtype):
+    q, k, v = make_qkv(B=2, Hq=Hq, Hkv=Hkv, L=77, S=67, E=32, dtype=dtype)
+    check_against_oracle(q, k, v, backend, enable_gqa=True, is_causal=True)
+
+
+def _mask(kind, B, H, L, S, dtype, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "bool":
+        return torch.rand(B, H, L, S, generator=g) > 0.3
+    if kind == "bool_key_padding":  # (B, 1, 1, S): broadcast over heads and queries
+        return torch.arange(S).view(1, 1, 1, S) < torch.tensor([S, S // 2][:B]).view(B, 1, 1, 1)
+    if kind == "float":
+        return torch.randn(B, H, L, S, generator=g).to(dtype)
+    if kind == "float32":
+        return torch.randn(L, S, generator=g)
+    if kind == "float_neg_inf":  # additive mask with -inf holes and a fully masked row
+        m = torch.randn(1, H, L, S, generator=g).to(dtype)
+        m = m.masked_fill(torch.rand(1, H, L, S, generator=g) > 0.6, float("-inf"))
+        m[..., 3, :] = float("-inf")
+        return m
+    if kind == "row_broadcast":  # (L, 1): last dim has stride 0 when expanded
+        return (torch.arange(L) % 3 != 0).view(L, 1)
+    raise ValueError(kind)
+
+
+MASKS = ["bool", "bool_key_padding", "float", "float32", "float_neg_inf", "row_broadcast"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", MASKS)
+def test_masks(backend, dtype, kind):
+    B, H, L, S = 2, 3, 70, 90
+    q, k, v = make_qkv(B=B, Hq=H, L=L, S=S, E=24, dtype=dtype)
+    mask = _mask(kind, B, H, L, S, dtype)
+    check_against_oracle(q, k, v, backend, attn_mask=mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_with_causal_and_gqa(backend):
+    q, k, v = make_qkv(B=2, Hq=4, Hkv=2, L=70, S=70, E=24)
+    mask = _mask("bool", 2, 4, 70, 70, torch.float32)
+    check_against_oracle(q, k, v, backend, attn_mask=mask, is_causal=True, enable_gqa=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["key", "query", "both"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_lengths(backend, dtype, which, causal):
+    B, L, S = 3, 90, 130
+    q, k, v = make_qkv(B=B, Hq=2, L=L, S=S, E=32, dtype=dtype)
+    kw = {}
+    if which in ("key", "both"):
+        kw["key_lengths"] = torch.tensor([S, 61, 1], dtype=torch.int32)
+    if which in ("query", "both"):
+        kw["query_lengths"] = torch.tensor([17, L, 64])
+    check_against_oracle(q, k, v, backend, is_causal=causal, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("window", [(0, 0), (5, 3), (64, None), (None, 10), (100, 100), (0, None)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_window(backend, dtype, window, causal):
+    q, k, v = make_qkv(B=2, Hq=2, L=150, S=140, E=16, dtype=dtype)
+    check_against_oracle(q, k, v, backend, window=window, is_causal=causal,
+                         key_lengths=torch.tensor([140, 90]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_everything_together(backend):
+    B, Hq, Hkv, L, S = 3, 4, 2, 100, 120
+    q, k, v = make_qkv(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=40, dtype=torch.bfloat16, layout="blhe")
+    mask = torch.randn(1, Hq, L, S)  # float32 mask, broadcast over batch
+    check_against_oracle(q, k, v, backend, attn_mask=mask, is_causal=True, enable_gqa=True,
+                         window=(30, None), key_lengths=torch.tensor([120, 50, 7]),
+                         query_lengths=torch.tensor([100, 40, 0]), scale=0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fully_masked_rows_are_zero(backend, dtype):
+    """Rows that see no key: zeros, lse = -inf, zero gradients, never NaN."""
+    B, H, L, S = 3, 2, 40, 30
+    q, k, v = make_qkv(B=B, Hq=H, L=L, S=S, E=16, dtype=dtype)
+    mask = torch.ones(B, H, L, S, dtype=torch.bool)
+    mask[0, :, 5] = False  # an all-False mask row
+    kw = dict(attn_mask=mask, key_lengths=torch.tensor([30, 0, 20]),  # batch 1: no keys at all
+              query_lengths=torch.tensor([40, 40, 25]),  # batch 2: rows >= 25 are padding
+              window=(0, None))  # rows i > key length see nothing
+    out, lse = effattn.attention(q, k, v, backend=backend, return_lse=True, **kw)
+    out.backward(torch.ones_like(out))
+    empty = torch.zeros(B, H, L, dtype=torch.bool)
+    empty[0, :, 5] = True
+    empty[0, :, 30:] = True  # window (0, None): row i needs a key j >= i, keys end at 30
+    empty[1] = True
+    empty[2, :, 25:] = True
+    empty[2, :, 20:] = True  # window (0, None): row i needs a key j >= i, keys end at 20
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+    assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+    assert (out[empty] == 0).all()
+    assert (q.grad[empty] == 0).all()
+    assert torch.isneginf(lse[empty]).all() and torch.isfinite(lse[~empty]).all()
+    assert (k.grad[1] == 0).all() and (v.grad[1] == 0).all()
+    assert (k.grad[2, :, 20:] == 0).all() and (v.grad[2, :, 20:] == 0).all()
+    check_against_oracle(*make_qkv(B=B, Hq=H, L=L, S=S, E=16, dtype=dtype), backend, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_return_lse_and_its_gradient(backend, dtype):
+    from effattn import reference
+    q, k, v = make_qkv(B=2, Hq=2, L=50, S=60, E=16, dtype=dtype)
+    kw = dict(is_causal=True, key_lengths=torch.tensor([60, 20]))
+    out, lse = effattn.attention(q, k, v, backend=backend, return_lse=True, **kw)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64, lse64 = reference.attention(q64, k64, v64, return_lse=True, compute_dtype=torch.float64, **kw)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert lse.shape == (2, 2, 50)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(lse.double(), lse64, atol=tol, rtol=tol)
+    # the LSE is differentiable too (d lse_i / d s_ij = p_ij), e.g. for merging partial attentions
+    gl = torch.randn(lse.shape, generator=torch.Generator().manual_seed(2))
+    (lse * gl.to(lse.dtype)).sum().backward()
+    (lse64 * gl.double()).sum().backward()
+    for t, t64 in ((q, q64), (k, k64)):
+        torch.testing.assert_close(t.grad.double(), t64.grad, atol=10 * tol, rtol=10 * tol)
+    assert v64.grad is None and (v.grad == 0).all()  # the LSE does not depend on v
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(20, 16), (3, 20, 16), (2, 3, 4, 20, 16)])
+def test_batch_ranks(backend, shape):
+    """2-D, 3-D and 5-D inputs, as SDPA takes them; lengths follow the batch dims."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*shape, generator=g).requires_grad_() for _ in range(3))
+    kw = {}
+    if len(shape) == 3:
+        kw["key_lengths"] = torch.tensor([20, 5, 11])
+    if len(shape) == 5:
+        kw["key_lengths"] = torch.tensor([[20, 5, 11], [1, 2, 3]])
+    out = check_against_oracle(q, k, v, backend, is_causal=True, **kw)
+    assert out.shape == shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_key_value_batch_broadcast(backend):
+    q = torch.randn(3, 2, 30, 16, requires_grad=True)
+    k = torch.randn(1, 2, 40, 16, requires_grad=True)
+    v = torch.randn(1, 2, 40, 16, requires_grad=True)
+    check_against_oracle(q, k, v, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_sequences(backend):
+    q, k, v = make_qkv(B=2, Hq=2, L=0, S=10, E=16)
+    assert effattn.attention(q, k, v, backend=backend).shape == (2, 2, 0, 16)
+    q, k, v = make_qkv(B=2, Hq=2, L=10, S=0, E=16)
+    out = effattn.attention(q, k, v, backend=backend)
+    assert out.shape == (2, 2, 10, 16) and (out == 0).all()
+
+
+def test_strided_inputs_are_not_copied_and_outputs_follow_layout():
+    q, k, v = make_qkv(B=2, Hq=4, L=33, S=33, E=16, layout="blhe")
+    spec = effattn.make_spec(q, k, v)
+    assert spec.q.data_ptr() == q.data_ptr() and spec.k.data_ptr() == k.data_ptr()
+    out = effattn.attention(q, k, v, backend="cpu")
+    assert out.transpose(1, 2).is_contiguous()  # (B, L, H, E) memory, like q
+    out.sum().backward()
+    assert q.grad.transpose(1, 2).is_contiguous()
+
+
+def test_broadcast_mask_is_not_expanded():
+    q, k, v = make_qkv(B=2, Hq=4, L=33, S=40, E=16)
+    pad = torch.arange(40).view(1, 1, 1, 40) < torch.tensor([40, 20]).view(2, 1, 1, 1)
+    spec = effattn.make_spec(q, k, v, attn_mask=pad)
+    assert spec.mask.data_ptr() == pad.data_ptr()
+    assert spec.mask.stride()[1:3] == (0, 0)

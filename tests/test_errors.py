@@ -1,0 +1,73 @@
+"""Bad input gets a ValueError/RuntimeError naming the tensor, the dimension
+and what was expected; never a crash, a hang or a silently wrong result."""
+import pytest
+import torch
+
+import effattn
+
+
+def qkv(B=2, H=4, L=8, S=10, E=16, dtype=torch.float32):
+    return (torch.randn(B, H, L, E, dtype=dtype), torch.randn(B, H, S, E, dtype=dtype),
+            torch.randn(B, H, S, E, dtype=dtype))
+
+
+q, k, v = qkv()
+CASES = [
+    # (description, call kwargs, exception, regex the message must match)
+    ("head dim", dict(key=torch.randn(2, 4, 10, 8)), ValueError, r"key\.size\(-1\) = 8 .*query\.size\(-1\) = 16"),
+    ("value length", dict(value=torch.randn(2, 4, 9, 16)), ValueError, r"value\.size\(-2\) = 9 .*key\.size\(-2\) = 10"),
+    ("batch", dict(key=torch.randn(3, 4, 10, 16), value=torch.randn(3, 4, 10, 16)), ValueError, r"key\.size\(0\) = 3 .*query\.size\(0\) = 2"),
+    ("heads without gqa", dict(key=torch.randn(2, 2, 10, 16), value=torch.randn(2, 2, 10, 16)), ValueError, r"key\.size\(-3\) = 2 .*query\.size\(-3\) = 4.*enable_gqa"),
+    ("gqa not a multiple", dict(key=torch.randn(2, 3, 10, 16), value=torch.randn(2, 3, 10, 16), enable_gqa=True), ValueError, r"multiple.*key\.size\(-3\) = 3"),
+    ("k/v heads differ", dict(value=torch.randn(2, 2, 10, 16), enable_gqa=True), ValueError, r"key\.size\(-3\) = 4 and value\.size\(-3\) = 2"),
+    ("ranks", dict(key=torch.randn(4, 10, 16)), ValueError, r"same number of dims"),
+    ("1-d", dict(query=torch.randn(16)), ValueError, r"query must have at least 2 dims"),
+    ("dtype mismatch", dict(key=k.double()), ValueError, r"key has dtype torch.float64 but query has torch.float32"),
+    ("integer dtype", dict(query=q.long(), key=k.long(), value=v.long()), ValueError, r"query dtype must be one of"),
+    ("not a tensor", dict(value=[1, 2]), ValueError, r"value must be a torch.Tensor"),
+    ("mask shape", dict(attn_mask=torch.ones(8, 9, dtype=torch.bool)), ValueError, r"attn_mask of shape \(8, 9\) does not broadcast to \(2, 4, 8, 10\)"),
+    ("mask dtype", dict(attn_mask=torch.ones(8, 10, dtype=torch.int64)), ValueError, r"attn_mask dtype must be bool, float32 or the dtype of query"),
+    ("mask dtype f16", dict(attn_mask=torch.ones(8, 10, dtype=torch.float16)), ValueError, r"attn_mask dtype"),
+    ("negative key length", dict(key_lengths=torch.tensor([3, -1])), ValueError, r"key_lengths must be >= 0"),
+    ("key length too large", dict(key_lengths=torch.tensor([3, 11])), ValueError, r"key_lengths must be <= key\.size\(-2\) = 10"),
+    ("query length too large", dict(query_lengths=torch.tensor([9, 1])), ValueError, r"query_lengths must be <= query\.size\(-2\) = 8"),
+    ("lengths shape", dict(key_lengths=torch.tensor([3, 4, 5])), ValueError, r"key_lengths must have shape \(2,\)"),
+    ("lengths dtype", dict(key_lengths=torch.tensor([3.0, 4.0])), ValueError, r"key_lengths must have an integer dtype"),
+    ("negative window", dict(window=(-2, 3)), ValueError, r"window left size must be >= 0"),
+    ("window not a pair", dict(window=5), ValueError, r"window must be a pair"),
+    ("window float", dict(window=(1.5, None)), ValueError, r"window left size must be an int"),
+    ("dropout", dict(dropout_p=0.1), NotImplementedError, r"dropout is not supported yet"),
+    ("dropout range", dict(dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
+    ("scale", dict(scale=float("nan")), ValueError, r"scale must be a finite"),
+    ("backend name", dict(backend="cudnn"), ValueError, r"unknown backend 'cudnn'"),
+]
+
+
+@pytest.mark.parametrize("desc,kw,exc,pattern", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(desc, kw, exc, pattern):
+    args = dict(query=q, key=k, value=v)
+    args.update(kw)
+    with pytest.raises(exc, match=pattern):
+        effattn.attention(**args)
+
+
+def test_device_mismatch():
+    meta = torch.empty(2, 4, 10, 16, device="meta")
+    with pytest.raises(ValueError, match=r"key is on meta but query is on cpu"):
+        effattn.attention(q, meta, v)
+
+
+def test_backend_that_cannot_serve_says_why():
+    with pytest.raises(RuntimeError, match=r"backend 'cpu' cannot serve this call: .*gradient of attn_mask"):
+        effattn.attention(q, k, v, attn_mask=torch.zeros(8, 10, requires_grad=True), backend="cpu")
+
+
+def test_raw_op_checks_lengths_too():
+    # The ops can be called directly: the C++ side checks what Python would have.
+    with pytest.raises(RuntimeError, match=r"key_lengths\[1\] = 11 is outside \[0, 10\]"):
+        torch.ops.effattn.fwd(q, k, v, None, torch.tensor([3, 11]), None, 0.25, False, -1, -1)
+    with pytest.raises(RuntimeError, match=r"key\.size\(3\) = 8 but expected 16"):
+        torch.ops.effattn.fwd(q, torch.randn(2, 4, 10, 8), v, None, None, None, 0.25, False, -1, -1)
+    with pytest.raises(RuntimeError, match=r"contiguous last dimension"):
+        torch.ops.effattn.fwd(q.transpose(-1, -2).contiguous().transpose(-1, -2).contiguous().transpose(2, 3),
+                              k, v, None, None, None, 0.25, False, -1, -1)

@@ -1,0 +1,163 @@
+"""The custom ops as PyTorch sees them: opcheck (schema, fake, autograd
+registration, AOT dispatch), gradcheck in float64, torch.compile without
+graph breaks, the backend report, and the no-(L x S)-allocation promise."""
+import pytest
+import torch
+
+import effattn
+from conftest import make_qkv
+
+
+def _op_args(B=2, Hq=4, Hkv=2, L=19, S=23, E=8, Ev=8, dtype=torch.float64, mask=None, lengths=False,
+             causal=False, window=(-1, -1), layout="bhle"):
+    q, k, v = make_qkv(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, Ev=Ev, dtype=dtype, layout=layout)
+    m = None
+    if mask == "bool":
+        m = (torch.rand(1, 1, L, S) > 0.3).expand(B, Hq, L, S)
+    elif mask == "float":
+        m = torch.randn(B, 1, L, S, dtype=dtype).expand(B, Hq, L, S)
+    kl = torch.tensor([S, S // 2]) if lengths else None
+    ql = torch.tensor([L - 3, L]) if lengths else None
+    return (q, k, v, m, kl, ql, 0.3, causal, window[0], window[1])
+
+
+OPCHECK_CASES = {
+    "plain": dict(),
+    "causal_gqa_lengths": dict(causal=True, lengths=True),
+    "bool_mask": dict(mask="bool"),
+    "float_mask_window": dict(mask="float", window=(4, 2)),
+    "blhe_float32": dict(layout="blhe", dtype=torch.float32),
+    "bf16": dict(dtype=torch.bfloat16, causal=True),
+    "value_dim": dict(Ev=12),
+}
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+def test_opcheck_fwd(case):
+    torch.library.opcheck(torch.ops.effattn.fwd.default, _op_args(**OPCHECK_CASES[case]))
+
+
+@pytest.mark.parametrize("case", ["plain", "causal_gqa_lengths", "float_mask_window", "blhe_float32"])
+def test_opcheck_bwd(case):
+    args = _op_args(**OPCHECK_CASES[case])
+    q, k, v = (t.detach() for t in args[:3])
+    out, lse = torch.ops.effattn.fwd(q, k, v, *args[3:])
+    grad_out = torch.randn_like(out)
+    grad_lse = torch.randn_like(lse)
+    for gl in (None, grad_lse):
+        torch.library.opcheck(torch.ops.effattn.bwd.default, (grad_out, gl, q, k, v, out, lse, *args[3:]),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+GRADCHECK_CASES = {
+    "plain": dict(),
+    "causal_gqa": dict(is_causal=True, enable_gqa=True),
+    "lengths_window": dict(key_lengths=torch.tensor([9, 4]), query_lengths=torch.tensor([7, 11]), window=(3, 1)),
+    "float_mask": dict(attn_mask=torch.randn(1, 1, 11, 13, dtype=torch.float64)),
+    "bool_mask_empty_rows": dict(attn_mask=torch.arange(13).view(1, 1, 1, 13) < torch.tensor([0, 6]).view(2, 1, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES)
+def test_gradcheck_float64(case):
+    kw = GRADCHECK_CASES[case]
+    q, k, v = make_qkv(B=2, Hq=4, Hkv=2 if kw.get("enable_gqa") else 4, L=11, S=13, E=8, dtype=torch.float64)
+
+    def f(q, k, v):
+        out, lse = effattn.attention(q, k, v, backend="cpu", return_lse=True, **kw)
+        return out, torch.where(torch.isinf(lse), 0, lse)  # -inf lse of empty rows has no gradient
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_compile_fullgraph_forward_backward():
+    q, k, v = make_qkv(B=2, Hq=4, Hkv=2, L=33, S=41, E=16, layout="blhe")
+    kl = torch.tensor([41, 20])
+    mask = torch.randn(33, 41)
+
+    def f(q, k, v):
+        out = effattn.attention(q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True, key_lengths=kl,
+                                window=(8, None))
+        return out.float().square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    loss_eager = f(q2, k2, v2)
+    grads_eager = torch.autograd.grad(loss_eager, (q2, k2, v2))
+    torch.testing.assert_close(loss, loss_eager)
+    for a, b in zip(grads, grads_eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_no_graph_breaks_explained():
+    q, k, v = make_qkv(B=1, Hq=2, L=16, S=16, E=8, requires_grad=False)
+    explanation = torch._dynamo.explain(lambda q, k, v: effattn.attention(q, k, v, is_causal=True))(q, k, v)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert "effattn.fwd" in str(explanation.graphs[0].graph)
+
+
+def test_backends_report():
+    rep = effattn.backends()
+    assert rep["cpu"] == [] and rep["reference"] == []
+    assert "cpu: ok" in str(rep)
+    q, k, v = make_qkv(requires_grad=False)
+    rep = effattn.backends(q, k, v, attn_mask=torch.zeros(37, 45, requires_grad=True))
+    assert any("gradient of attn_mask" in r for r in rep["cpu"])
+    assert rep.usable() == ["reference"]
+    rep = effattn.backends(q, k, v, is_causal=True)
+    assert rep.usable() == ["cpu", "reference"]
+
+
+def test_auto_falls_back_to_reference_with_a_warning():
+    q, k, v = make_qkv(requires_grad=False)
+    mask = torch.zeros(37, 45, requires_grad=True)
+    with pytest.warns(UserWarning, match=r"cpu: does not compute the gradient of attn_mask.*reference"):
+        out = effattn.attention(q, k, v, attn_mask=mask)
+    out.sum().backward()
+    assert mask.grad is not None and mask.grad.shape == mask.shape
+
+
+def test_auto_picks_the_cpu_kernel(monkeypatch):
+    calls = []
+    from effattn.backends import BY_NAME
+    orig = BY_NAME["cpu"].forward
+    monkeypatch.setattr(BY_NAME["cpu"], "forward", lambda spec: calls.append(spec) or orig(spec))
+    q, k, v = make_qkv(requires_grad=False)
+    effattn.attention(q, k, v, key_lengths=torch.tensor([3, 45]), window=(4, 4))
+    assert len(calls) == 1
+
+
+def _largest_allocation(fn):
+    """Largest single CPU allocation (bytes) made while fn runs, per the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # every tensor allocation ends in one of these leaf ops; others aggregate their children
+    leaves = ("aten::empty", "aten::empty_strided")
+    sizes = [e.cpu_memory_usage for e in prof.events() if e.name in leaves and e.cpu_memory_usage > 0]
+    assert sizes, "the profiler saw no allocation at all"
+    return max(sizes, default=0)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(is_causal=True), dict(key_lengths=torch.tensor([1000, 300])),
+                                  dict(window=(16, 16)), dict(attn_mask="key_padding"),
+                                  dict(enable_gqa=True)])
+def test_no_seq_by_seq_allocation(opts):
+    """Forward + backward allocate nothing near the size of one (L, S) score matrix."""
+    B, Hq, L, S, E = 2, 4, 1000, 1000, 16
+    q, k, v = make_qkv(B=B, Hq=Hq, Hkv=2 if opts.get("enable_gqa") else Hq, L=L, S=S, E=E)
+    if opts.get("attn_mask") == "key_padding":
+        opts = dict(attn_mask=torch.arange(S).view(1, 1, 1, S) < torch.tensor([S, S // 3]).view(B, 1, 1, 1))
+
+    def step():
+        out = effattn.attention(q, k, v, backend="cpu", **opts)
+        out.backward(torch.ones_like(out))
+
+    one_score_matrix = L * S * 4  # a single (L, S) float32 matrix; naive math allocates B*H of these
+    biggest = _largest_allocation(step)
+    io = B * Hq * L * E * 4
+    assert biggest <= max(io * 2, one_score_matrix // 4), (biggest, one_score_matrix)
+    # and the check can fail: the reference math does allocate (B, H, L, S)
+    ref_biggest = _largest_allocation(lambda: effattn.attention(q, k, v, backend="reference", **opts))
+    assert ref_biggest >= one_score_matrix
