@@ -105,10 +105,10 @@ struct FwdTile {
         continue;
       }
       const acc_t m_new = std::max(m[r], row_max);
-      const acc_t alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first hit
+      const acc_t alpha = exp_softmax(m[r] - m_new);  // exp(-inf) = 0 on the first hit
       acc_t sum = 0;
       for (int64_t c = 0; c < N; ++c) {
-        const acc_t pr = std::exp(srow[c] - m_new);
+        const acc_t pr = exp_softmax(srow[c] - m_new);
         srow[c] = pr;
         sum += pr;
       }

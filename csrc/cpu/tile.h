@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include <torch/headeronly/util/BFloat16.h>
@@ -44,6 +45,31 @@ template <>
 inline double to_acc<double, double>(double x) {
   return x;
 }
+
+// exp for the softmax, branch-free so that loops over it vectorise (glibc's
+// expf is a scalar call per score, which dominated the forward).
+// x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-6 polynomial (relative
+// error ~2e-7, float rounding level), 2^n put into the exponent bits.
+// exp(-inf) and anything below -87 give exactly 0; the argument is never
+// positive here (scores minus their running max), but up to +88 is exact too.
+inline float exp_softmax(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (xc * 1.44269504088896341f + magic) - magic;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+inline double exp_softmax(double x) { return std::exp(x); }  // float64 keeps libm accuracy
 
 // dst[r * ld + c] = src[r * row_stride + c], r < rows, c < cols
 template <typename acc_t, typename scalar_t>
