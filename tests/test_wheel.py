@@ -1,8 +1,9 @@
 """The shipped artefact: one cp39-abi3 wheel, built on the stable ABI, that runs on another torch.
 
-Builds the wheel from this checkout against the torch installed here, checks its tag and that
-_C.abi3.so uses none of libtorch's C++ symbols, then installs it into a clean venv holding a
-different torch (2.13.0, CPU build) and checks the results there against the reference and SDPA.
+Builds the wheel from a clean copy of this checkout against the torch installed here, checks its
+tag and that _C.abi3.so uses none of libtorch's C++ symbols, then installs it into a clean venv
+holding a different torch (2.13.0, CPU build) and checks the results there against the reference
+and SDPA.
 
 The venv (torch only) is cached across runs in the temp dir, keyed by torch and Python version;
 the wheel itself is installed afresh each run into a per-run --target directory.
@@ -37,14 +38,22 @@ def run(cmd, **kwargs):
 
 # ---- the wheel --------------------------------------------------------------------------------
 
+# Build outputs left in the checkout: a wheel must not depend on them (pip builds in-tree, and
+# setuptools would package stale files from build/) nor race with a concurrent build there.
+NOT_SOURCES = shutil.ignore_patterns(".git", "build", "build-cmake", "cmake-build*", "dist",
+                                     "*.egg-info", "__pycache__", ".pytest_cache", "*.so", "*.whl",
+                                     ".venv*")
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    src, out = tmp_path_factory.mktemp("src") / "effattn", tmp_path_factory.mktemp("wheel")
+    shutil.copytree(REPO, src, ignore=NOT_SOURCES)
     # CPU part only: the venv below has a CPU-only torch, where a _C linked to libtorch_cuda
     # could not load.
     env = dict(os.environ, EFFATTN_CPU_ONLY="1")
     run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
-         "-w", out, REPO], env=env)
+         "-w", out, src], env=env)
     wheels = sorted(out.glob("effattn-*.whl"))
     assert len(wheels) == 1, f"expected one effattn wheel, got {[w.name for w in wheels]}"
     return wheels[0]
@@ -70,10 +79,11 @@ def binutils(name: str) -> str:
 
 
 def dynamic_symbols(so: Path, which: str):
-    """Demangled names of the dynamic symbols of `so`; which = "--undefined-only" or "--defined-only"."""
+    """Demangled dynamic symbols of `so`; which: "--undefined-only" or "--defined-only"."""
     out = run([binutils("nm"), "-D", "-C", which, so]).stdout
     # nm prints "[address] type name"; the name may contain spaces once demangled.
-    return [re.sub(r"^\s*([0-9a-f]+\s+)?\S\s+", "", line) for line in out.splitlines() if line.strip()]
+    return [re.sub(r"^\s*([0-9a-f]+\s+)?\S\s+", "", line)
+            for line in out.splitlines() if line.strip()]
 
 
 # A symbol in one of libtorch's C++ namespaces; demangled, so std::vector<at::Tensor> counts too.
@@ -92,12 +102,12 @@ def test_extension_uses_only_the_stable_c_abi(extension):
     assert any(s.startswith("aoti_torch_") for s in undefined), \
         f"no aoti_torch_* import at all: is this the effattn extension?\n{undefined}"
     cpp_imports = [s for s in undefined if CPP_TORCH.search(s)]
-    assert not cpp_imports, "imports libtorch C++ symbols (unstable ABI):\n" + "\n".join(cpp_imports)
+    assert not cpp_imports, "libtorch C++ imports (unstable ABI):\n" + "\n".join(cpp_imports)
 
     # Nothing of at::/c10:: may be compiled in either (that would mean ATen headers were used);
     # torch::stable / torch::headeronly inline code is fine.
     cpp_defined = [s for s in defined if CPP_TORCH.search(s) and not HEADER_ONLY.search(s)]
-    assert not cpp_defined, "defines libtorch C++ symbols (ATen headers?):\n" + "\n".join(cpp_defined)
+    assert not cpp_defined, "libtorch C++ code compiled in:\n" + "\n".join(cpp_defined)
 
     # No libtorch_python or libpython: each is tied to one torch or one CPython.
     needed = re.findall(r"\(NEEDED\).*\[(.*)\]", run([binutils("readelf"), "-d", extension]).stdout)
@@ -137,7 +147,8 @@ SMOKE = textwrap.dedent("""
     import torch.nn.functional as F
     import effattn
 
-    print("torch", torch.__version__, "| python", sys.version.split()[0], "| effattn", effattn.__file__)
+    print("torch", torch.__version__, "| python", sys.version.split()[0],
+          "| effattn", effattn.__file__)
     assert torch.__version__.split("+")[0] == sys.argv[1], torch.__version__
     assert effattn.__file__.startswith(sys.argv[2]), "effattn was not imported from the wheel"
 

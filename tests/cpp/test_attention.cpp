@@ -60,7 +60,7 @@ int main() {
   for (bool is_causal : {false, true}) {
     auto [err_out, err_lse] = check(fwd, is_causal);
     const bool pass = err_out <= kTolerance && err_lse <= kTolerance;
-    std::printf("%s is_causal=%d: max |out - ref| = %.3g, max |lse - ref| = %.3g (tolerance %.0e)\n",
+    std::printf("%s is_causal=%d: max |out - ref| = %.3g, max |lse - ref| = %.3g (tol %.0e)\n",
                 pass ? "ok  " : "FAIL", is_causal, err_out, err_lse, kTolerance);
     ok = ok && pass;
   }
