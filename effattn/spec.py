@@ -81,10 +81,6 @@ class AttentionSpec:
         return self.q.device
 
     @property
-    def needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
-
-    @property
     def mask_needs_grad(self) -> bool:
         return self.mask is not None and self.mask.requires_grad and torch.is_grad_enabled()
 

@@ -135,7 +135,7 @@ struct BwdTile {
       if (lse[r] == neg_inf<acc_t>()) {
         for (int64_t c = 0; c < N; ++c) srow[c] = acc_t(0);
       } else {
-        for (int64_t c = 0; c < N; ++c) srow[c] = exp_softmax(srow[c] - lse[r]);
+        exp_shifted(srow, N, lse[r]);
       }
     }
     // dV += P^T dO

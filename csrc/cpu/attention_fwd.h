@@ -98,21 +98,15 @@ struct FwdTile {
     const int64_t Ev = p.head_dim_v;
     for (int64_t r = 0; r < M; ++r) {
       acc_t* srow = s.data() + r * N;
-      acc_t row_max = neg_inf<acc_t>();
-      for (int64_t c = 0; c < N; ++c) row_max = std::max(row_max, srow[c]);
-      if (row_max == neg_inf<acc_t>()) {  // nothing visible in this tile
+      const acc_t tile_max = row_max(srow, N);
+      if (tile_max == neg_inf<acc_t>()) {  // nothing visible in this tile
         for (int64_t c = 0; c < N; ++c) srow[c] = acc_t(0);
         continue;
       }
-      const acc_t m_new = std::max(m[r], row_max);
+      const acc_t m_new = std::max(m[r], tile_max);
       const acc_t alpha = exp_softmax(m[r] - m_new);  // exp(-inf) = 0 on the first hit
-      acc_t sum = 0;
-      for (int64_t c = 0; c < N; ++c) {
-        const acc_t pr = exp_softmax(srow[c] - m_new);
-        srow[c] = pr;
-        sum += pr;
-      }
-      l[r] = l[r] * alpha + sum;
+      exp_shifted(srow, N, m_new);
+      l[r] = l[r] * alpha + row_sum(srow, N);
       m[r] = m_new;
       if (alpha != acc_t(1)) {
         acc_t* a = acc.data() + r * Ev;

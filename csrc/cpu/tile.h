@@ -53,7 +53,8 @@ inline double to_acc<double, double>(double x) {
 // exp(-inf) and anything below -87 give exactly 0; the argument is never
 // positive here (scores minus their running max), but up to +88 is exact too.
 inline float exp_softmax(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  float xc = x < -87.0f ? -87.0f : x;  // plain selects: -fno-trapping-math if-converts them
+  xc = xc > 88.0f ? 88.0f : xc;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float n = (xc * 1.44269504088896341f + magic) - magic;
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts
@@ -70,6 +71,42 @@ inline float exp_softmax(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 inline double exp_softmax(double x) { return std::exp(x); }  // float64 keeps libm accuracy
+
+// Row reductions with kLanes independent partial results, so the compiler
+// vectorises them without -ffast-math (a single float accumulator is a
+// serial dependency it may not reorder).
+constexpr int64_t kLanes = 8;
+
+template <typename acc_t>
+inline acc_t row_max(const acc_t* __restrict x, int64_t n) {
+  acc_t lane[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lane[l] = neg_inf<acc_t>();
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] = lane[l] > x[c + l] ? lane[l] : x[c + l];
+  acc_t out = neg_inf<acc_t>();
+  for (int64_t l = 0; l < kLanes; ++l) out = out > lane[l] ? out : lane[l];
+  for (; c < n; ++c) out = out > x[c] ? out : x[c];
+  return out;
+}
+
+template <typename acc_t>
+inline acc_t row_sum(const acc_t* __restrict x, int64_t n) {
+  acc_t lane[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] += x[c + l];
+  acc_t out = 0;
+  for (int64_t l = 0; l < kLanes; ++l) out += lane[l];
+  for (; c < n; ++c) out += x[c];
+  return out;
+}
+
+// x[c] = exp(x[c] - shift)
+template <typename acc_t>
+inline void exp_shifted(acc_t* __restrict x, int64_t n, acc_t shift) {
+  for (int64_t c = 0; c < n; ++c) x[c] = exp_softmax(x[c] - shift);
+}
 
 // dst[r * ld + c] = src[r * row_stride + c], r < rows, c < cols
 template <typename acc_t, typename scalar_t>
