@@ -14,7 +14,13 @@ import glob
 import os
 
 from setuptools import setup
+import torch.utils.cpp_extension as cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+
+# torch compiles py_limited_api extensions with -DPy_LIMITED_API=<its minimum
+# CPython>; its docs say to set this to target another one. Ours is 3.9, to
+# match the cp39-abi3 tag below (the module uses only PyModule_Create).
+cpp_extension.min_supported_cpython = "0x03090000"
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("DEBUG", "0") == "1"

@@ -273,7 +273,9 @@ def main():
                                    f"demo-{dev.type}{'-quick' if args.quick else ''}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
-        json.dump(dict(header=header, device=dev.type, device_name=device_name(dev),
+        json.dump(dict(header=header, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       command="python bench/demo.py " + " ".join(sys.argv[1:]),
+                       device=dev.type, device_name=device_name(dev),
                        torch=torch.__version__, effattn=effattn.__version__,
                        shape=dict(B=B, H=H, L=L, S=L, E=E), dtype=args.dtype, causal=args.causal,
                        warmup=args.warmup, iters=args.iters, score_matrix_bytes=score_bytes,
