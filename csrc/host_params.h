@@ -63,6 +63,10 @@ inline Tensor empty_in_layout_of(const Tensor& like, std::array<int64_t, 4> size
   return torch::stable::permute(t, inverse);
 }
 
+inline RowStrides row_strides(const Tensor& t) {
+  return RowStrides{t.stride(0), t.stride(1), t.stride(2)};
+}
+
 inline const int64_t* lengths_ptr(const std::optional<Tensor>& t, const char* name,
                                   int64_t batch, int64_t max_len) {
   if (!t.has_value()) return nullptr;
@@ -114,9 +118,9 @@ inline FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor&
   p.q = q.const_data_ptr();
   p.k = k.const_data_ptr();
   p.v = v.const_data_ptr();
-  p.q_batch_stride = q.stride(0); p.q_head_stride = q.stride(1); p.q_row_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0); p.k_head_stride = k.stride(1); p.k_row_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0); p.v_head_stride = v.stride(1); p.v_row_stride = v.stride(2);
+  p.q_strides = row_strides(q);
+  p.k_strides = row_strides(k);
+  p.v_strides = row_strides(v);
 
   if (mask.has_value()) {
     const Tensor& m = *mask;
@@ -149,10 +153,79 @@ inline FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor&
   return p;
 }
 
-inline void set_out(FwdParams& p, const Tensor& out, const Tensor& lse) {
+// The forward's outputs: out in the layout of q, lse (B, Hq, Lq) contiguous.
+struct FwdCall {
+  FwdParams params;
+  Tensor out, lse;
+};
+
+inline FwdCall make_fwd_call(const Tensor& q, const Tensor& k, const Tensor& v,
+                             const std::optional<Tensor>& mask,
+                             const std::optional<Tensor>& key_lengths,
+                             const std::optional<Tensor>& query_lengths, double scale,
+                             bool is_causal, int64_t window_left, int64_t window_right) {
+  FwdParams p = make_fwd_params(q, k, v, mask, key_lengths, query_lengths, scale, is_causal,
+                                window_left, window_right);
+  Tensor out = empty_in_layout_of(q, {p.batch, p.heads_q, p.seqlen_q, p.head_dim_v},
+                                  q.scalar_type());
+  Tensor lse = torch::stable::new_empty(q, {p.batch, p.heads_q, p.seqlen_q},
+                                        accum_dtype(q.scalar_type()));
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr();
-  p.o_batch_stride = out.stride(0); p.o_head_stride = out.stride(1); p.o_row_stride = out.stride(2);
+  p.o_strides = row_strides(out);
+  return {p, out, lse};
+}
+
+// The backward's inputs checked and its gradients allocated (each in the
+// layout of its input). Scratch (delta, dQ accumulator) is the device's own.
+struct BwdCall {
+  BwdParams params;
+  Tensor dq, dk, dv;
+  std::optional<Tensor> dlse;  // grad_lse converted, kept alive for the kernel
+};
+
+inline BwdCall make_bwd_call(const Tensor& grad_out, const std::optional<Tensor>& grad_lse,
+                             const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                             const Tensor& lse, const std::optional<Tensor>& mask,
+                             const std::optional<Tensor>& key_lengths,
+                             const std::optional<Tensor>& query_lengths, double scale,
+                             bool is_causal, int64_t window_left, int64_t window_right) {
+  BwdParams p;
+  static_cast<FwdParams&>(p) = make_fwd_params(q, k, v, mask, key_lengths, query_lengths, scale,
+                                               is_causal, window_left, window_right);
+  const ScalarType acc = accum_dtype(q.scalar_type());
+  check_attention_tensor(grad_out, "grad_out");
+  check_attention_tensor(out, "out");
+  const int64_t want[4] = {p.batch, p.heads_q, p.seqlen_q, p.head_dim_v};
+  for (int d = 0; d < 4; ++d) {
+    check_same(out.size(d), want[d], "out", d, "shape of the forward output");
+    check_same(grad_out.size(d), want[d], "grad_out", d, "shape of the forward output");
+  }
+  STD_TORCH_CHECK(out.scalar_type() == q.scalar_type() && grad_out.scalar_type() == q.scalar_type(),
+                  "effattn: out and grad_out must have the dtype of query");
+  STD_TORCH_CHECK(lse.scalar_type() == acc && lse.is_contiguous() && lse.dim() == 3,
+                  "effattn: lse must be the forward's contiguous (B, H, L) accumulator-type tensor");
+  p.out = const_cast<void*>(out.const_data_ptr());  // read only in the backward
+  p.lse = const_cast<void*>(lse.const_data_ptr());
+  p.o_strides = row_strides(out);
+  p.dout = grad_out.const_data_ptr();
+  p.do_strides = row_strides(grad_out);
+
+  BwdCall call{p, empty_in_layout_of(q, {p.batch, p.heads_q, p.seqlen_q, p.head_dim}, q.scalar_type()),
+               empty_in_layout_of(k, {p.batch, p.heads_kv, p.seqlen_k, p.head_dim}, q.scalar_type()),
+               empty_in_layout_of(v, {p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v}, q.scalar_type()),
+               std::nullopt};
+  if (grad_lse.has_value()) {
+    call.dlse = torch::stable::contiguous(torch::stable::to(*grad_lse, acc));
+    call.params.dlse = call.dlse->const_data_ptr();
+  }
+  call.params.dq = call.dq.mutable_data_ptr();
+  call.params.dk = call.dk.mutable_data_ptr();
+  call.params.dv = call.dv.mutable_data_ptr();
+  call.params.dq_strides = row_strides(call.dq);
+  call.params.dk_strides = row_strides(call.dk);
+  call.params.dv_strides = row_strides(call.dv);
+  return call;
 }
 
 }  // namespace effattn

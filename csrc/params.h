@@ -22,6 +22,12 @@ enum class MaskKind : int32_t {
 // "No bound" for a window side.
 constexpr int64_t kUnbounded = -1;
 
+// Element strides of a (batch, heads, rows, dim) tensor whose last dim has
+// stride 1.
+struct RowStrides {
+  int64_t batch = 0, head = 0, row = 0;
+};
+
 struct FwdParams {
   // ---- pointers ----------------------------------------------------------
   const void* q = nullptr;  // (B, Hq, Lq, E)
@@ -38,10 +44,7 @@ struct FwdParams {
   int64_t seqlen_q = 0, seqlen_k = 0, head_dim = 0, head_dim_v = 0;
 
   // ---- strides, in elements (last dim has stride 1) -----------------------
-  int64_t q_batch_stride = 0, q_head_stride = 0, q_row_stride = 0;
-  int64_t k_batch_stride = 0, k_head_stride = 0, k_row_stride = 0;
-  int64_t v_batch_stride = 0, v_head_stride = 0, v_row_stride = 0;
-  int64_t o_batch_stride = 0, o_head_stride = 0, o_row_stride = 0;
+  RowStrides q_strides, k_strides, v_strides, o_strides;
   // The mask may broadcast (stride 0) on any dim, the last one included.
   int64_t mask_batch_stride = 0, mask_head_stride = 0;
   int64_t mask_row_stride = 0, mask_col_stride = 0;
@@ -62,15 +65,13 @@ struct BwdParams : FwdParams {
   // Inputs beyond the forward's (out and lse are read, not written).
   const void* dout = nullptr;     // (B, Hq, Lq, Ev)
   const void* dlse = nullptr;     // (B, Hq, Lq) contiguous, accumulator type, or null
-  int64_t do_batch_stride = 0, do_head_stride = 0, do_row_stride = 0;
+  RowStrides do_strides;
 
   // Outputs.
   void* dq = nullptr;  // like q
   void* dk = nullptr;  // like k
   void* dv = nullptr;  // like v
-  int64_t dq_batch_stride = 0, dq_head_stride = 0, dq_row_stride = 0;
-  int64_t dk_batch_stride = 0, dk_head_stride = 0, dk_row_stride = 0;
-  int64_t dv_batch_stride = 0, dv_head_stride = 0, dv_row_stride = 0;
+  RowStrides dq_strides, dk_strides, dv_strides;
 
   // Scratch, all O(B * H * Lq): delta = rowsum(dO * O) - dlse, and the dQ
   // accumulator (num_key_splits, B, Hq, Lq, E), both in the accumulator type.

@@ -36,8 +36,8 @@ void compute_delta(const BwdParams& p) {
     for (int64_t it = begin; it < end; ++it) {
       const int64_t i = it % p.seqlen_q, bh = it / p.seqlen_q;
       const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
-      const scalar_t* o = static_cast<const scalar_t*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
-      const scalar_t* d = static_cast<const scalar_t*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + i * p.do_row_stride;
+      const scalar_t* o = static_cast<const scalar_t*>(p.out) + b * p.o_strides.batch + h * p.o_strides.head + i * p.o_strides.row;
+      const scalar_t* d = static_cast<const scalar_t*>(p.dout) + b * p.do_strides.batch + h * p.do_strides.head + i * p.do_strides.row;
       acc_t sum = 0;
       for (int64_t e = 0; e < p.head_dim_v; ++e) sum += to_acc<acc_t>(o[e]) * to_acc<acc_t>(d[e]);
       if (p.dlse) sum -= static_cast<const acc_t*>(p.dlse)[it];
@@ -73,10 +73,10 @@ struct BwdTile {
     const int64_t qlen = std::min(query_len(p, b), p.seqlen_q);
     const acc_t scale = static_cast<acc_t>(p.scale);
 
-    const scalar_t* K = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-    const scalar_t* V = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-    scalar_t* dK = static_cast<scalar_t*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
-    scalar_t* dV = static_cast<scalar_t*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
+    const scalar_t* K = static_cast<const scalar_t*>(p.k) + b * p.k_strides.batch + hk * p.k_strides.head;
+    const scalar_t* V = static_cast<const scalar_t*>(p.v) + b * p.v_strides.batch + hk * p.v_strides.head;
+    scalar_t* dK = static_cast<scalar_t*>(p.dk) + b * p.dk_strides.batch + hk * p.dk_strides.head;
+    scalar_t* dV = static_cast<scalar_t*>(p.dv) + b * p.dv_strides.batch + hk * p.dv_strides.head;
 
     for (int64_t n_block = split; n_block < n_blocks; n_block += p.num_key_splits) {
       const int64_t j0 = n_block * kBlockN;
@@ -86,9 +86,9 @@ struct BwdTile {
       std::fill(dk.begin(), dk.end(), acc_t(0));
       std::fill(dv.begin(), dv.end(), acc_t(0));
       if (N > 0) {
-        load_rows(K + j0 * p.k_row_stride, p.k_row_stride, N, E, k.data(), E);
-        load_rows_transposed(K + j0 * p.k_row_stride, p.k_row_stride, N, E, kt.data(), N);
-        load_rows_transposed(V + j0 * p.v_row_stride, p.v_row_stride, N, Ev, vt.data(), N);
+        load_rows(K + j0 * p.k_strides.row, p.k_strides.row, N, E, k.data(), E);
+        load_rows_transposed(K + j0 * p.k_strides.row, p.k_strides.row, N, E, kt.data(), N);
+        load_rows_transposed(V + j0 * p.v_strides.row, p.v_strides.row, N, Ev, vt.data(), N);
         const int64_t i_begin = rb.first_query(j0);
         const int64_t i_end = rb.last_query_end(j0 + N, qlen);
         for (int64_t g = 0; g < p.group_size(); ++g) {
@@ -97,8 +97,8 @@ struct BwdTile {
             query_tile(b, h, split, i0, std::min(kBlockM, i_end - i0), j0, N, rb, scale);
         }
       }
-      store_rows(dk.data(), E, cols, E, scale, dK + j0 * p.dk_row_stride, p.dk_row_stride);
-      store_rows(dv.data(), Ev, cols, Ev, acc_t(1), dV + j0 * p.dv_row_stride, p.dv_row_stride);
+      store_rows(dk.data(), E, cols, E, scale, dK + j0 * p.dk_strides.row, p.dk_strides.row);
+      store_rows(dv.data(), Ev, cols, Ev, acc_t(1), dV + j0 * p.dv_strides.row, p.dv_strides.row);
     }
   }
 
@@ -122,10 +122,10 @@ struct BwdTile {
     }
     if (!any_row) return;  // every row fully masked: all gradients are zero
 
-    const scalar_t* Q = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-    const scalar_t* DO = static_cast<const scalar_t*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
-    load_rows(Q + i0 * p.q_row_stride, p.q_row_stride, M, E, q.data(), E);
-    load_rows(DO + i0 * p.do_row_stride, p.do_row_stride, M, Ev, dO.data(), Ev);
+    const scalar_t* Q = static_cast<const scalar_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
+    const scalar_t* DO = static_cast<const scalar_t*>(p.dout) + b * p.do_strides.batch + h * p.do_strides.head;
+    load_rows(Q + i0 * p.q_strides.row, p.q_strides.row, M, E, q.data(), E);
+    load_rows(DO + i0 * p.do_strides.row, p.do_strides.row, M, Ev, dO.data(), Ev);
 
     // P = exp(scale * Q K^T + bias - lse)
     gemm_nn<acc_t>(M, N, E, q.data(), E, kt.data(), N, s.data(), N, false);
@@ -171,7 +171,7 @@ void reduce_dq(const BwdParams& p) {
         const acc_t* src = static_cast<const acc_t*>(p.dq_accum) + (s * rows + it) * E;
         for (int64_t e = 0; e < E; ++e) sum[e] += src[e];
       }
-      scalar_t* dst = static_cast<scalar_t*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + i * p.dq_row_stride;
+      scalar_t* dst = static_cast<scalar_t*>(p.dq) + b * p.dq_strides.batch + h * p.dq_strides.head + i * p.dq_strides.row;
       for (int64_t e = 0; e < E; ++e) dst[e] = static_cast<scalar_t>(sum[e] * scale);
     }
   });

@@ -51,10 +51,10 @@ struct FwdTile {
     const RowBounds rb = row_bounds(p, b);
     const acc_t scale = static_cast<acc_t>(p.scale);
 
-    const scalar_t* Q = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-    const scalar_t* K = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-    const scalar_t* V = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-    scalar_t* O = static_cast<scalar_t*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+    const scalar_t* Q = static_cast<const scalar_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
+    const scalar_t* K = static_cast<const scalar_t*>(p.k) + b * p.k_strides.batch + hk * p.k_strides.head;
+    const scalar_t* V = static_cast<const scalar_t*>(p.v) + b * p.v_strides.batch + hk * p.v_strides.head;
+    scalar_t* O = static_cast<scalar_t*>(p.out) + b * p.o_strides.batch + h * p.o_strides.head;
     acc_t* LSE = static_cast<acc_t*>(p.lse) + (b * p.heads_q + h) * p.seqlen_q;
 
     std::fill(m.begin(), m.end(), neg_inf<acc_t>());
@@ -62,7 +62,7 @@ struct FwdTile {
     std::fill(acc.begin(), acc.end(), acc_t(0));
 
     if (M > 0) {
-      load_rows(Q + i0 * p.q_row_stride, p.q_row_stride, M, E, q.data(), E);
+      load_rows(Q + i0 * p.q_strides.row, p.q_strides.row, M, E, q.data(), E);
       // Keys any row of this block may see.
       const int64_t j_begin = rb.begin(i0), j_end = rb.end(i0 + M - 1);
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
@@ -73,8 +73,8 @@ struct FwdTile {
             continue;  // the mask excludes the whole tile
           bias_tile = bias.data();
         }
-        load_rows_transposed(K + j0 * p.k_row_stride, p.k_row_stride, N, E, kt.data(), N);
-        load_rows(V + j0 * p.v_row_stride, p.v_row_stride, N, Ev, v.data(), Ev);
+        load_rows_transposed(K + j0 * p.k_strides.row, p.k_strides.row, N, E, kt.data(), N);
+        load_rows(V + j0 * p.v_strides.row, p.v_strides.row, N, Ev, v.data(), Ev);
         gemm_nn<acc_t>(M, N, E, q.data(), E, kt.data(), N, s.data(), N, false);
         finish_scores<acc_t>(s.data(), M, N, scale, bias_tile, rb, i0, j0);
         online_softmax_step(M, N);
@@ -83,7 +83,7 @@ struct FwdTile {
     }
     // Epilogue: normalise and write; rows without any visible key -> 0, -inf.
     for (int64_t r = 0; r < rows; ++r) {
-      scalar_t* o = O + (i0 + r) * p.o_row_stride;
+      scalar_t* o = O + (i0 + r) * p.o_strides.row;
       const bool empty = r >= M || l[r] == acc_t(0);
       const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
       const acc_t* a = acc.data() + r * Ev;
