@@ -159,7 +159,7 @@ def _check_lengths(name: str, t, batch_shape: Tuple[int, ...], limit: int, limit
     if tuple(t.shape) != tuple(batch_shape) and not (t.dim() == 1 and t.shape[0] == numel):
         _fail(f"{name} must have shape {tuple(batch_shape) or (1,)} (the batch dims of query), "
               f"got {tuple(t.shape)}")
-    t = t.reshape(numel).to(torch.int64)
+    t = t.reshape(numel).to(torch.int64).contiguous()  # (B,) int64: a few bytes
     # Value checks read the data: cheap on the CPU, a host sync on a GPU and a
     # graph break under torch.compile, so only done eagerly for CPU tensors
     # (the CPU kernel checks again; GPU kernels clamp).
@@ -180,6 +180,10 @@ def make_spec(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
     if not (query.dim() == key.dim() == value.dim()):
         _fail(f"query, key and value must have the same number of dims, got "
               f"{query.dim()}, {key.dim()} and {value.dim()}")
+    # Under torch.autocast, float32 inputs run in the autocast dtype, as SDPA's do.
+    if query.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(query.device.type):
+        low = torch.get_autocast_dtype(query.device.type)
+        query, key, value = (t.to(low) if t.dtype == torch.float32 else t for t in (query, key, value))
     for name, t in (("key", key), ("value", value)):
         if t.dtype != query.dtype:
             _fail(f"{name} has dtype {t.dtype} but query has {query.dtype}; they must match")

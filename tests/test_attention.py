@@ -236,3 +236,23 @@ def test_broadcast_mask_is_not_expanded():
     spec = effattn.make_spec(q, k, v, attn_mask=pad)
     assert spec.mask.data_ptr() == pad.data_ptr()
     assert spec.mask.stride()[1:3] == (0, 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lengths_as_strided_views(backend):
+    q, k, v = make_qkv(B=2, Hq=2, L=30, S=40, E=16)
+    lengths = torch.tensor([40, 0, 12, 0])[::2]  # a non-contiguous int64 view
+    check_against_oracle(q, k, v, backend, key_lengths=lengths)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_runs_in_the_autocast_dtype_like_sdpa(backend):
+    import torch.nn.functional as F
+    q, k, v = make_qkv(B=2, Hq=2, L=30, S=40, E=16, requires_grad=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = effattn.attention(q, k, v, is_causal=True, backend=backend)
+        theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ours64 = effattn.attention(q.double(), k.double(), v.double(), backend=backend)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    assert ours64.dtype == torch.float64
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)

@@ -123,7 +123,11 @@ void attention_fwd(const FwdParams& p) {
   torch::stable::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     FwdTile<scalar_t, acc_t> tile(p);
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t m_block = it % m_blocks;
+      // Zigzag over query blocks (0, last, 1, last-1, ...): under causal or
+      // window masks block cost grows with its index, and parallel_for hands
+      // each thread a contiguous range, which would otherwise be unbalanced.
+      const int64_t r = it % m_blocks;
+      const int64_t m_block = (r % 2 == 0) ? r / 2 : m_blocks - 1 - r / 2;
       const int64_t bh = it / m_blocks;
       tile.run(bh / p.heads_q, bh % p.heads_q, m_block);
     }
