@@ -31,6 +31,6 @@ install() {
 
 case "${1:-}" in
   demo) shift; install; "$PY" bench/demo.py "$@" ;;
-  test) shift; install; "$PY" -m pytest tests -q -ra "$@" ;;
+  test) shift; install; "$PY" -m pytest -q -ra "$@" ;;  # no path given: pyproject testpaths = tests
   *) echo "usage: bash run.sh {demo|test} [args...]" >&2; exit 2 ;;
 esac
