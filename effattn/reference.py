@@ -15,7 +15,7 @@ import torch
 from .spec import AttentionSpec, make_spec
 
 
-def structure_mask(spec: AttentionSpec) -> Optional[torch.Tensor]:
+def structure_mask(spec: AttentionSpec) -> torch.Tensor:
     """Bool (B, 1, L, S): True where causal/window/lengths let query i see key j."""
     L, S, dev = spec.seqlen_q, spec.seqlen_k, spec.device
     i = torch.arange(L, device=dev).view(1, 1, L, 1)

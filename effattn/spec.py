@@ -45,10 +45,6 @@ class AttentionSpec:
 
     # ---- derived sizes -------------------------------------------------------
     @property
-    def batch(self) -> int:
-        return self.q.shape[0]
-
-    @property
     def heads_q(self) -> int:
         return self.q.shape[1]
 
@@ -63,14 +59,6 @@ class AttentionSpec:
     @property
     def seqlen_k(self) -> int:
         return self.k.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.q.shape[3]
-
-    @property
-    def head_dim_v(self) -> int:
-        return self.v.shape[3]
 
     @property
     def dtype(self) -> torch.dtype:

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import effattn
-from effattn.backends import PRIORITY
+from conftest import cpu_backends
 
-BACKENDS = [b.name for b in PRIORITY if "cpu" in b.devices and not b.unavailable_reasons()]
+BACKENDS = cpu_backends()
 
 MASKS = [None, "bool", "float", "bool_bcast", "float_2d"]
 RANKS = [3, 4, 5]
