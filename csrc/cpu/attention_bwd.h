@@ -1,45 +1,47 @@
 // CPU backward: recomputes the probabilities from the saved log-sum-exp
-// instead of storing them (FlashAttention-2's backward on the CPU).
+// instead of storing them (FlashAttention-2's backward on the CPU). One source
+// for every ISA: included inside the per-ISA namespace (kernels_isa.h) after
+// simd.h, gemm.h and tile_ops.h.
 //
 // Pass 1 (rows in parallel):  delta_i = sum_e dO_ie * O_ie  - dlse_i
 //   (dlse is the gradient reaching the returned LSE, usually absent.)
 // Pass 2, work item = (batch, kv-head, key split s). A split owns the key
 // tiles s, s + S, s + 2S, ... (S = num_key_splits, > 1 only when batch x
 // kv-heads is too small to keep every thread busy). For each owned key tile
-// [j0, j0 + kBlockN), K, K^T, V^T are loaded once and dK, dV accumulate in
-// registers/L1 while every query head of the GQA group and every query tile
-// that can see these keys streams past:
+// [j0, j0 + kBwdBlockN), K, K^T, V^T are converted once and dK, dV accumulate
+// in L1/L2 while every query head of the GQA group and every query tile that
+// can see these keys streams past:
 //   S  = scale * Q K^T + bias            P  = exp(S - lse)   (0 if lse = -inf)
 //   dV += P^T dO                         dP = dO V^T
 //   dS = P * (dP - delta)                dK += scale * dS^T Q
 //   dQ_accum[s] += scale * dS K
-// dK, dV are written once per tile (an item owns them: no races); dQ goes to
-// a per-split accumulator (S x B x Hq x Lq x E, accumulator type).
+// The transposed products (P^T dO, dS^T Q) read P and dS through the GEMM's
+// strided A operand, so nothing is transposed in memory. dK, dV are written
+// once per tile (an item owns them: no races); dQ goes to a per-split
+// accumulator (S x B x Hq x Lq x padded E, accumulator type).
 // Pass 3 (rows in parallel): dQ = sum over splits of dQ_accum, converted.
 // Keys past key_lengths[b] and queries past query_lengths[b] get zero grads.
+//
+// Tile sizes: 64 keys x 64 queries. Five GEMMs share each pair of tiles; the
+// per-pair working set (Q, dO, P, dS and the dQ rows: 16 KiB each at E = 64)
+// stays in L2 beside the item's K, K^T, V^T, dK, dV.
 // Memory: O(B * Hq * Lq * (1 + S * E)) scratch; nothing of size Lq x Lk.
-#pragma once
-
-#include <vector>
-
-#include <torch/csrc/stable/ops.h>
-
-#include "tile.h"
-
-namespace effattn {
-namespace cpu {
 
 template <typename scalar_t, typename acc_t>
 void compute_delta(const BwdParams& p) {
   const int64_t rows = p.batch * p.heads_q * p.seqlen_q;
+  const int64_t Ev = p.head_dim_v;
   torch::stable::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> o(padded(Ev)), d(padded(Ev));
     for (int64_t it = begin; it < end; ++it) {
       const int64_t i = it % p.seqlen_q, bh = it / p.seqlen_q;
       const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
-      const scalar_t* o = static_cast<const scalar_t*>(p.out) + b * p.o_strides.batch + h * p.o_strides.head + i * p.o_strides.row;
-      const scalar_t* d = static_cast<const scalar_t*>(p.dout) + b * p.do_strides.batch + h * p.do_strides.head + i * p.do_strides.row;
+      convert_row(static_cast<const scalar_t*>(p.out) + b * p.o_strides.batch +
+                      h * p.o_strides.head + i * p.o_strides.row, Ev, o.data());
+      convert_row(static_cast<const scalar_t*>(p.dout) + b * p.do_strides.batch +
+                      h * p.do_strides.head + i * p.do_strides.row, Ev, d.data());
       acc_t sum = 0;
-      for (int64_t e = 0; e < p.head_dim_v; ++e) sum += to_acc<acc_t>(o[e]) * to_acc<acc_t>(d[e]);
+      for (int64_t e = 0; e < Ev; ++e) sum += o[e] * d[e];
       if (p.dlse) sum -= static_cast<const acc_t*>(p.dlse)[it];
       static_cast<acc_t*>(p.delta)[it] = sum;
     }
@@ -49,26 +51,31 @@ void compute_delta(const BwdParams& p) {
 template <typename scalar_t, typename acc_t>
 struct BwdTile {
   const BwdParams& p;
-  std::vector<acc_t> k, kt, vt, dk, dv, q, dO, s, dp, bias, lse, delta;
+  const int64_t E, Ev, Ep, Evp;
+  Scratch<acc_t> k, kt, vt, dk, dv, q, dO, s, dp, bias, lse, delta, row_buf;
 
   explicit BwdTile(const BwdParams& params)
       : p(params),
-        k(kBlockN * params.head_dim),
-        kt(params.head_dim * kBlockN),
-        vt(params.head_dim_v * kBlockN),
-        dk(kBlockN * params.head_dim),
-        dv(kBlockN * params.head_dim_v),
-        q(kBlockM * params.head_dim),
-        dO(kBlockM * params.head_dim_v),
-        s(kBlockM * kBlockN),
-        dp(kBlockM * kBlockN),
-        bias(params.mask_kind == MaskKind::kNone ? 0 : kBlockM * kBlockN),
-        lse(kBlockM),
-        delta(kBlockM) {}
+        E(params.head_dim),
+        Ev(params.head_dim_v),
+        Ep(padded(params.head_dim)),
+        Evp(padded(params.head_dim_v)),
+        k(kBwdBlockN * Ep),
+        kt(E * kBwdBlockN),
+        vt(Ev * kBwdBlockN),
+        dk(kBwdBlockN * Ep),
+        dv(kBwdBlockN * Evp),
+        q(kBwdBlockM * Ep),
+        dO(kBwdBlockM * Evp),
+        s(kBwdBlockM * kBwdBlockN),
+        dp(kBwdBlockM * kBwdBlockN),
+        bias(params.mask_kind == MaskKind::kNone ? 0 : kBwdBlockM * kBwdBlockN),
+        lse(kBwdBlockM),
+        delta(kBwdBlockM),
+        row_buf(8 * std::max(params.head_dim, params.head_dim_v)) {}
 
   void run(int64_t b, int64_t hk, int64_t split) {
-    const int64_t E = p.head_dim, Ev = p.head_dim_v;
-    const int64_t n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
+    const int64_t n_blocks = (p.seqlen_k + kBwdBlockN - 1) / kBwdBlockN;
     const RowBounds rb = row_bounds(p, b);
     const int64_t qlen = std::min(query_len(p, b), p.seqlen_q);
     const acc_t scale = static_cast<acc_t>(p.scale);
@@ -79,35 +86,38 @@ struct BwdTile {
     scalar_t* dV = static_cast<scalar_t*>(p.dv) + b * p.dv_strides.batch + hk * p.dv_strides.head;
 
     for (int64_t n_block = split; n_block < n_blocks; n_block += p.num_key_splits) {
-      const int64_t j0 = n_block * kBlockN;
-      const int64_t cols = std::min(kBlockN, p.seqlen_k - j0);
+      const int64_t j0 = n_block * kBwdBlockN;
+      const int64_t cols = std::min(kBwdBlockN, p.seqlen_k - j0);
       // keys at or past the key length have zero gradient
       const int64_t N = std::max<int64_t>(0, std::min(cols, rb.key_len - j0));
-      std::fill(dk.begin(), dk.end(), acc_t(0));
-      std::fill(dv.begin(), dv.end(), acc_t(0));
+      std::memset(static_cast<void*>(dk.data()), 0, sizeof(acc_t) * kBwdBlockN * Ep);
+      std::memset(static_cast<void*>(dv.data()), 0, sizeof(acc_t) * kBwdBlockN * Evp);
       if (N > 0) {
-        load_rows(K + j0 * p.k_strides.row, p.k_strides.row, N, E, k.data(), E);
-        load_rows_transposed(K + j0 * p.k_strides.row, p.k_strides.row, N, E, kt.data(), N);
-        load_rows_transposed(V + j0 * p.v_strides.row, p.v_strides.row, N, Ev, vt.data(), N);
+        load_tile(K + j0 * p.k_strides.row, p.k_strides.row, N, E, k.data(), Ep);
+        load_tile_transposed(K + j0 * p.k_strides.row, p.k_strides.row, N, E, kt.data(),
+                             kBwdBlockN, row_buf.data());
+        load_tile_transposed(V + j0 * p.v_strides.row, p.v_strides.row, N, Ev, vt.data(),
+                             kBwdBlockN, row_buf.data());
         const int64_t i_begin = rb.first_query(j0);
         const int64_t i_end = rb.last_query_end(j0 + N, qlen);
         for (int64_t g = 0; g < p.group_size(); ++g) {
           const int64_t h = hk * p.group_size() + g;
-          for (int64_t i0 = i_begin; i0 < i_end; i0 += kBlockM)
-            query_tile(b, h, split, i0, std::min(kBlockM, i_end - i0), j0, N, rb, scale);
+          for (int64_t i0 = i_begin; i0 < i_end; i0 += kBwdBlockM)
+            query_tile(b, h, split, i0, std::min(kBwdBlockM, i_end - i0), j0, N, rb);
         }
       }
-      store_rows(dk.data(), E, cols, E, scale, dK + j0 * p.dk_strides.row, p.dk_strides.row);
-      store_rows(dv.data(), Ev, cols, Ev, acc_t(1), dV + j0 * p.dv_strides.row, p.dv_strides.row);
+      store_tile(dk.data(), Ep, cols, E, scale, dK + j0 * p.dk_strides.row, p.dk_strides.row);
+      store_tile(dv.data(), Evp, cols, Ev, acc_t(1), dV + j0 * p.dv_strides.row, p.dv_strides.row);
     }
   }
 
-  void query_tile(int64_t b, int64_t h, int64_t split, int64_t i0, int64_t M,
-                  int64_t j0, int64_t N, const RowBounds& rb, acc_t scale) {
-    const int64_t E = p.head_dim, Ev = p.head_dim_v;
+  void query_tile(int64_t b, int64_t h, int64_t split, int64_t i0, int64_t M, int64_t j0,
+                  int64_t N, const RowBounds& rb) {
+    constexpr int64_t BN = kBwdBlockN;
+    const int64_t Nv = round_up_lanes<acc_t>(N);
     acc_t* bias_tile = nullptr;
     if (p.mask_kind != MaskKind::kNone) {
-      if (!load_mask_tile<acc_t, scalar_t>(p, b, h, i0, M, j0, N, bias.data()))
+      if (!load_mask_tile<acc_t, scalar_t>(p, b, h, i0, M, j0, N, bias.data(), BN))
         return;  // the mask excludes the whole tile
       bias_tile = bias.data();
     }
@@ -124,55 +134,67 @@ struct BwdTile {
 
     const scalar_t* Q = static_cast<const scalar_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
     const scalar_t* DO = static_cast<const scalar_t*>(p.dout) + b * p.do_strides.batch + h * p.do_strides.head;
-    load_rows(Q + i0 * p.q_strides.row, p.q_strides.row, M, E, q.data(), E);
-    load_rows(DO + i0 * p.do_strides.row, p.do_strides.row, M, Ev, dO.data(), Ev);
+    load_tile(Q + i0 * p.q_strides.row, p.q_strides.row, M, E, q.data(), Ep);
+    load_tile(DO + i0 * p.do_strides.row, p.do_strides.row, M, Ev, dO.data(), Evp);
 
-    // P = exp(scale * Q K^T + bias - lse)
-    gemm_nn<acc_t>(M, N, E, q.data(), E, kt.data(), N, s.data(), N, false);
-    finish_scores<acc_t>(s.data(), M, N, scale, bias_tile, rb, i0, j0);
+    // P = exp(scale * Q K^T + bias - lse), in base 2 as in the forward
+    gemm<acc_t, false>(M, Nv, E, q.data(), Ep, 1, kt.data(), BN, s.data(), BN);
+    const acc_t scale2 = static_cast<acc_t>(p.scale * kLog2e);
     for (int64_t r = 0; r < M; ++r) {
-      acc_t* srow = s.data() + r * N;
+      acc_t* srow = s.data() + r * BN;
       if (lse[r] == neg_inf<acc_t>()) {
-        for (int64_t c = 0; c < N; ++c) srow[c] = acc_t(0);
-      } else {
-        exp_shifted(srow, N, lse[r]);
+        std::memset(static_cast<void*>(srow), 0, sizeof(acc_t) * Nv);
+        continue;
       }
+      const int64_t lo = rb.begin(i0 + r) - j0, hi = rb.end(i0 + r) - j0;
+      acc_t mul = scale2;
+      if (needs_finish(bias_tile != nullptr, p.scale, lo, hi, Nv)) {
+        finish_score_row(srow, bias_tile ? bias_tile + r * BN : nullptr, N, Nv, scale2, lo, hi);
+        mul = acc_t(1);
+      }
+      exp2_shift_sum(srow, Nv, mul, lse[r] * static_cast<acc_t>(kLog2e));
     }
     // dV += P^T dO
-    gemm_tn<acc_t>(M, N, Ev, s.data(), N, dO.data(), Ev, dv.data(), Ev);
-    // dS = P * (dO V^T - delta), stored in dp
-    gemm_nn<acc_t>(M, N, Ev, dO.data(), Ev, vt.data(), N, dp.data(), N, false);
+    gemm<acc_t, true>(N, round_up_lanes<acc_t>(Ev), M, s.data(), 1, BN, dO.data(), Evp,
+                      dv.data(), Evp);
+    // dP = dO V^T, then dS = P * (dP - delta) in place
+    gemm<acc_t, false>(M, Nv, Ev, dO.data(), Evp, 1, vt.data(), BN, dp.data(), BN);
+    constexpr int64_t W = kLanes<acc_t>;
     for (int64_t r = 0; r < M; ++r) {
-      const acc_t* prow = s.data() + r * N;
-      acc_t* drow = dp.data() + r * N;
-      for (int64_t c = 0; c < N; ++c) drow[c] = prow[c] * (drow[c] - delta[r]);
+      const acc_t* prow = s.data() + r * BN;
+      acc_t* drow = dp.data() + r * BN;
+      const Vec<acc_t> dr = vbroadcast(delta[r]);
+      for (int64_t c = 0; c < Nv; c += W) vstore(drow + c, vload(prow + c) * (vload(drow + c) - dr));
     }
     // dK += dS^T Q   (scaled once when written)
-    gemm_tn<acc_t>(M, N, E, dp.data(), N, q.data(), E, dk.data(), E);
-    // dQ_accum += scale * dS K   (scale applied in pass 3)
+    const int64_t Ecols = round_up_lanes<acc_t>(E);
+    gemm<acc_t, true>(N, Ecols, M, dp.data(), 1, BN, q.data(), Ep, dk.data(), Ep);
+    // dQ_accum += dS K   (scale applied in pass 3)
     acc_t* dq = static_cast<acc_t*>(p.dq_accum) +
-                (split * p.batch * p.heads_q * p.seqlen_q + row0) * E;
-    gemm_nn<acc_t>(M, E, N, dp.data(), N, k.data(), E, dq, E, true);
+                (split * p.batch * p.heads_q * p.seqlen_q + row0) * Ep;
+    gemm<acc_t, true>(M, Ecols, N, dp.data(), BN, 1, k.data(), Ep, dq, Ep);
   }
 };
 
 template <typename scalar_t, typename acc_t>
 void reduce_dq(const BwdParams& p) {
   const int64_t rows = p.batch * p.heads_q * p.seqlen_q;
-  const int64_t E = p.head_dim;
+  const int64_t E = p.head_dim, Ep = padded(E);
   const acc_t scale = static_cast<acc_t>(p.scale);
   torch::stable::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(E);
+    Scratch<acc_t> sum(Ep);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t i = it % p.seqlen_q, bh = it / p.seqlen_q;
       const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t s = 0; s < p.num_key_splits; ++s) {
-        const acc_t* src = static_cast<const acc_t*>(p.dq_accum) + (s * rows + it) * E;
+      const acc_t* src = static_cast<const acc_t*>(p.dq_accum) + it * Ep;
+      for (int64_t e = 0; e < E; ++e) sum[e] = src[e];
+      for (int64_t s = 1; s < p.num_key_splits; ++s) {
+        src = static_cast<const acc_t*>(p.dq_accum) + (s * rows + it) * Ep;
         for (int64_t e = 0; e < E; ++e) sum[e] += src[e];
       }
-      scalar_t* dst = static_cast<scalar_t*>(p.dq) + b * p.dq_strides.batch + h * p.dq_strides.head + i * p.dq_strides.row;
-      for (int64_t e = 0; e < E; ++e) dst[e] = static_cast<scalar_t>(sum[e] * scale);
+      store_tile(sum.data(), Ep, 1, E, scale,
+                 static_cast<scalar_t*>(p.dq) + b * p.dq_strides.batch + h * p.dq_strides.head +
+                     i * p.dq_strides.row, 0);
     }
   });
 }
@@ -191,6 +213,3 @@ void attention_bwd(const BwdParams& p) {
   });
   reduce_dq<scalar_t, acc_t>(p);
 }
-
-}  // namespace cpu
-}  // namespace effattn

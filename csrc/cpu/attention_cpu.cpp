@@ -1,40 +1,91 @@
 // CPU implementations of effattn::fwd and effattn::bwd: read the tensors into
-// params (csrc/host_params.h), allocate outputs and scratch, dispatch on dtype
-// to the tiled kernels (attention_fwd.h, attention_bwd.h).
+// params (csrc/host_params.h), allocate outputs and scratch, and run the
+// kernel variant for the widest instruction set this CPU has (kernels.h).
+//
+// EFFATTN_CPU_ISA=baseline|avx2|avx512 in the environment asks for a
+// narrower variant (tests run each one); asking for one the CPU lacks is an
+// error, never a crash. effattn::cpu_isa() says which variant runs.
+#include <cstdlib>
+#include <cstring>
+
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 
 #include "../host_params.h"
-#include "attention_bwd.h"
-#include "attention_fwd.h"
+#include "kernels.h"
 
 namespace effattn {
-namespace {
+namespace cpu {
 
-using torch::headeronly::BFloat16;
-using torch::headeronly::Half;
-
-template <template <typename, typename> class Kernel, typename Params>
-void dispatch_dtype(ScalarType dtype, const Params& p) {
-  switch (dtype) {
-    case ScalarType::Float: Kernel<float, float>::run(p); break;
-    case ScalarType::Double: Kernel<double, double>::run(p); break;
-    case ScalarType::BFloat16: Kernel<BFloat16, float>::run(p); break;
-    case ScalarType::Half: Kernel<Half, float>::run(p); break;
-    default:
-      STD_TORCH_CHECK(false, "effattn (cpu): unsupported dtype; expected float32, "
-                             "float64, bfloat16 or float16");
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
   }
 }
 
-template <typename scalar_t, typename acc_t>
-struct Fwd {
-  static void run(const FwdParams& p) { cpu::attention_fwd<scalar_t, acc_t>(p); }
-};
-template <typename scalar_t, typename acc_t>
-struct Bwd {
-  static void run(const BwdParams& p) { cpu::attention_bwd<scalar_t, acc_t>(p); }
-};
+namespace {
+
+// The widest variant this CPU (and its OS, which must save the wider
+// registers: __builtin_cpu_supports checks that too) can run.
+Isa best_isa() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return Isa::kAvx2;
+#endif
+  return Isa::kBaseline;
+}
+
+// The variant to run: the best one, or the one EFFATTN_CPU_ISA asks for
+// (read on every call, so tests can switch between calls; it costs ~100 ns).
+Isa selected_isa() {
+  static const Isa best = best_isa();
+  const char* want = std::getenv("EFFATTN_CPU_ISA");
+  if (want == nullptr || *want == '\0' || std::strcmp(want, "auto") == 0) return best;
+  for (Isa isa : {Isa::kBaseline, Isa::kAvx2, Isa::kAvx512}) {
+    if (std::strcmp(want, isa_name(isa)) == 0) {
+      STD_TORCH_CHECK(static_cast<int64_t>(isa) <= static_cast<int64_t>(best),
+                      "effattn (cpu): EFFATTN_CPU_ISA=", want, " but this CPU supports at most ",
+                      isa_name(best));
+      return isa;
+    }
+  }
+  STD_TORCH_CHECK(false, "effattn (cpu): EFFATTN_CPU_ISA=", want,
+                  " is not one of auto, baseline, avx2, avx512");
+  return best;
+}
+
+void run_fwd(ScalarType dtype, const FwdParams& p) {
+  switch (selected_isa()) {
+#if defined(__x86_64__)
+    case Isa::kAvx512: avx512::attention_fwd(dtype, p); break;
+    case Isa::kAvx2: avx2::attention_fwd(dtype, p); break;
+#endif
+    default: baseline::attention_fwd(dtype, p); break;
+  }
+}
+
+void run_bwd(ScalarType dtype, const BwdParams& p) {
+  switch (selected_isa()) {
+#if defined(__x86_64__)
+    case Isa::kAvx512: avx512::attention_bwd(dtype, p); break;
+    case Isa::kAvx2: avx2::attention_bwd(dtype, p); break;
+#endif
+    default: baseline::attention_bwd(dtype, p); break;
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+
+namespace {
 
 std::tuple<Tensor, Tensor> fwd_cpu(Tensor q, Tensor k, Tensor v,
                                    std::optional<Tensor> mask,
@@ -44,7 +95,7 @@ std::tuple<Tensor, Tensor> fwd_cpu(Tensor q, Tensor k, Tensor v,
                                    int64_t window_right) {
   FwdCall call = make_fwd_call(q, k, v, mask, key_lengths, query_lengths, scale, is_causal,
                                window_left, window_right);
-  dispatch_dtype<Fwd>(q.scalar_type(), call.params);
+  cpu::run_fwd(q.scalar_type(), call.params);
   return {call.out, call.lse};
 }
 
@@ -60,7 +111,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(
   // Split the keys when batch x kv-heads alone cannot keep every thread busy
   // (2 items per thread for balance); each split costs one dQ accumulator.
   const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
-  const int64_t n_blocks = (p.seqlen_k + cpu::kBlockN - 1) / cpu::kBlockN;
+  const int64_t n_blocks = (p.seqlen_k + cpu::kBwdBlockN - 1) / cpu::kBwdBlockN;
   const int64_t items = std::max<int64_t>(1, p.batch * p.heads_kv);
   p.num_key_splits = items >= 2 * threads
                          ? 1
@@ -69,12 +120,14 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(
   const ScalarType acc = accum_dtype(q.scalar_type());
   Tensor delta = torch::stable::new_empty(q, {p.batch, p.heads_q, p.seqlen_q}, acc);
   Tensor dq_accum = torch::stable::new_zeros(
-      q, {p.num_key_splits, p.batch, p.heads_q, p.seqlen_q, p.head_dim}, acc);
+      q, {p.num_key_splits, p.batch, p.heads_q, p.seqlen_q, cpu::padded(p.head_dim)}, acc);
   p.delta = delta.mutable_data_ptr();
   p.dq_accum = dq_accum.mutable_data_ptr();
-  dispatch_dtype<Bwd>(q.scalar_type(), p);
+  cpu::run_bwd(q.scalar_type(), p);
   return {call.dq, call.dk, call.dv};
 }
+
+int64_t cpu_isa() { return static_cast<int64_t>(cpu::selected_isa()); }
 
 }  // namespace
 }  // namespace effattn
@@ -82,4 +135,8 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(
 STABLE_TORCH_LIBRARY_IMPL(effattn, CPU, m) {
   m.impl("fwd", TORCH_BOX(&effattn::fwd_cpu));
   m.impl("bwd", TORCH_BOX(&effattn::bwd_cpu));
+}
+
+STABLE_TORCH_LIBRARY_IMPL(effattn, CompositeExplicitAutograd, m) {
+  m.impl("cpu_isa", TORCH_BOX(&effattn::cpu_isa));
 }

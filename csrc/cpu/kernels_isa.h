@@ -1,0 +1,80 @@
+// Body of one per-ISA kernel file (kernels_<isa>.cpp). Before including it,
+// that file defines
+//   EFFATTN_ISA_NAMESPACE  the namespace of the variant (baseline, avx2, avx512)
+//   EFFATTN_SIMD_BYTES     its vector width in bytes (16, 32, 64)
+//   EFFATTN_ISA_TARGET     (optional) a GCC target string, e.g. "avx2,fma,f16c"
+//
+// Every header with code of its own is included first, compiled for the
+// baseline; only what follows the target pragma, all of it inline and inside
+// effattn::cpu::EFFATTN_ISA_NAMESPACE, is compiled for the ISA. So no
+// function compiled for a wider ISA can be shared with (and picked by the
+// linker for) another variant, and the baseline runs on any CPU.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/Half.h>
+
+#include "bounds.h"
+#include "kernels.h"
+
+#ifdef EFFATTN_ISA_TARGET
+#define EFFATTN_STR(x) #x
+#define EFFATTN_TARGET_PRAGMA(t) _Pragma(EFFATTN_STR(GCC target(t)))
+#pragma GCC push_options
+EFFATTN_TARGET_PRAGMA(EFFATTN_ISA_TARGET)
+#endif
+
+namespace effattn {
+namespace cpu {
+namespace EFFATTN_ISA_NAMESPACE {
+
+using torch::headeronly::ScalarType;
+
+#include "simd.h"
+#include "gemm.h"
+#include "tile_ops.h"
+#include "attention_fwd.h"
+#include "attention_bwd.h"
+
+namespace {
+template <template <typename, typename> class Kernel, typename Params>
+void dispatch_dtype(ScalarType dtype, const Params& p) {
+  using torch::headeronly::BFloat16;
+  using torch::headeronly::Half;
+  switch (dtype) {
+    case ScalarType::Float: Kernel<float, float>::run(p); break;
+    case ScalarType::Double: Kernel<double, double>::run(p); break;
+    case ScalarType::BFloat16: Kernel<BFloat16, float>::run(p); break;
+    case ScalarType::Half: Kernel<Half, float>::run(p); break;
+    default:
+      STD_TORCH_CHECK(false, "effattn (cpu): unsupported dtype; expected float32, "
+                             "float64, bfloat16 or float16");
+  }
+}
+template <typename scalar_t, typename acc_t>
+struct Fwd {
+  static void run(const FwdParams& p) { cpu::EFFATTN_ISA_NAMESPACE::attention_fwd<scalar_t, acc_t>(p); }
+};
+template <typename scalar_t, typename acc_t>
+struct Bwd {
+  static void run(const BwdParams& p) { cpu::EFFATTN_ISA_NAMESPACE::attention_bwd<scalar_t, acc_t>(p); }
+};
+}  // namespace
+
+void attention_fwd(ScalarType dtype, const FwdParams& p) { dispatch_dtype<Fwd>(dtype, p); }
+void attention_bwd(ScalarType dtype, const BwdParams& p) { dispatch_dtype<Bwd>(dtype, p); }
+
+}  // namespace EFFATTN_ISA_NAMESPACE
+}  // namespace cpu
+}  // namespace effattn
+
+#ifdef EFFATTN_ISA_TARGET
+#pragma GCC pop_options
+#endif

@@ -1,0 +1,181 @@
+// Tile helpers shared by the CPU forward and backward (one source for every
+// ISA; included inside the per-ISA namespace after simd.h and gemm.h).
+//
+// Tiles are row-major in the accumulator type acc_t (float, or double for
+// float64 inputs), their rows padded to kColAlign elements (kernels.h) so that every GEMM
+// and softmax loop runs over whole vectors. Inputs are converted once per
+// tile (bf16/fp16 -> float32).
+
+template <typename T>
+inline int64_t round_up_lanes(int64_t n) {
+  return (n + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
+}
+
+template <typename acc_t>
+constexpr acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// Per-thread scratch: zero-initialised (so pad columns hold finite values),
+// cache-line aligned.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : size_(std::max<int64_t>(n, 1)) {
+    const size_t bytes = (size_ * sizeof(T) + 63) / 64 * 64;
+    ptr_ = static_cast<T*>(std::aligned_alloc(64, bytes));
+    STD_TORCH_CHECK(ptr_ != nullptr, "effattn (cpu): out of memory for a ", bytes, "-byte tile");
+    std::memset(static_cast<void*>(ptr_), 0, bytes);
+  }
+  ~Scratch() { std::free(ptr_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* data() { return ptr_; }
+  T& operator[](int64_t i) { return ptr_[i]; }
+
+ private:
+  int64_t size_;
+  T* ptr_;
+};
+
+// dst[r * ld + c] = src[r * row_stride + c]   (r < rows, c < cols)
+template <typename acc_t, typename scalar_t>
+inline void load_tile(const scalar_t* src, int64_t row_stride, int64_t rows, int64_t cols,
+                      acc_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) convert_row(src + r * row_stride, cols, dst + r * ld);
+}
+
+// dst[c * ld + r] = src[r * row_stride + c]: rows become columns (K -> K^T).
+// Converted row by row into `row` (cols elements), then scattered in blocks
+// of 8 rows so every store of the scatter writes 8 consecutive elements.
+template <typename acc_t, typename scalar_t>
+inline void load_tile_transposed(const scalar_t* src, int64_t row_stride, int64_t rows,
+                                 int64_t cols, acc_t* dst, int64_t ld, acc_t* row_buf) {
+  constexpr int64_t kRows = 8;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    const int64_t n = std::min(kRows, rows - r0);
+    for (int64_t i = 0; i < n; ++i) convert_row(src + (r0 + i) * row_stride, cols, row_buf + i * cols);
+    if (n == kRows) {
+      for (int64_t c = 0; c < cols; ++c) {
+        acc_t* d = dst + c * ld + r0;
+#pragma GCC unroll 8
+        for (int64_t i = 0; i < kRows; ++i) d[i] = row_buf[i * cols + c];
+      }
+    } else {
+      for (int64_t c = 0; c < cols; ++c)
+        for (int64_t i = 0; i < n; ++i) dst[c * ld + r0 + i] = row_buf[i * cols + c];
+    }
+  }
+}
+
+// dst[r * row_stride + c] = scale * src[r * ld + c], converted to scalar_t.
+template <typename scalar_t, typename acc_t>
+inline void store_tile(const acc_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t scale,
+                       scalar_t* dst, int64_t row_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* s = src + r * ld;
+    scalar_t* d = dst + r * row_stride;
+    for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<scalar_t>(s[c] * scale);
+  }
+}
+
+// Reads the dense-mask tile for rows [i0, i0+M) x keys [j0, j0+N) of (b, h)
+// into bias[r * ld + c] as an additive term (-inf where a bool mask is
+// False). Returns false when every entry is -inf: the whole tile is excluded.
+template <typename acc_t, typename scalar_t>
+inline bool load_mask_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t M,
+                           int64_t j0, int64_t N, acc_t* bias, int64_t ld) {
+  const int64_t cs = p.mask_col_stride;
+  const char* base = static_cast<const char*>(p.mask);
+  bool any = false;
+  for (int64_t r = 0; r < M; ++r) {
+    const int64_t off = b * p.mask_batch_stride + h * p.mask_head_stride +
+                        (i0 + r) * p.mask_row_stride + j0 * cs;
+    acc_t* out = bias + r * ld;
+    switch (p.mask_kind) {
+      case MaskKind::kBool: {
+        const bool* m = reinterpret_cast<const bool*>(base) + off;
+        for (int64_t c = 0; c < N; ++c) out[c] = m[c * cs] ? acc_t(0) : neg_inf<acc_t>();
+        break;
+      }
+      case MaskKind::kSameAsQ: {
+        const scalar_t* m = reinterpret_cast<const scalar_t*>(base) + off;
+        if (cs == 1) {
+          convert_row(m, N, out);
+        } else {
+          for (int64_t c = 0; c < N; ++c) out[c] = static_cast<acc_t>(static_cast<float>(m[c * cs]));
+        }
+        break;
+      }
+      default: {  // kFloat32
+        const float* m = reinterpret_cast<const float*>(base) + off;
+        for (int64_t c = 0; c < N; ++c) out[c] = static_cast<acc_t>(m[c * cs]);
+        break;
+      }
+    }
+    for (int64_t c = 0; c < N; ++c) any |= out[c] != neg_inf<acc_t>();
+  }
+  return any;
+}
+
+// Scores are kept in base 2 (simd.h): a row's raw dot products s become
+// s * scale2 + bias * log2(e), scale2 = scale * log2(e).
+//
+// Whether a row needs finish_score_row before its softmax: when a mask or
+// the band cuts into the tile (or scale <= 0, where the raw maximum is not the
+// scaled one). Otherwise the scaling is folded into the exp's argument
+// (exp2_shift_sum with mul = scale2), saving a pass over the row.
+inline bool needs_finish(bool has_bias, double scale, int64_t lo, int64_t hi, int64_t Nv) {
+  return has_bias || scale <= 0 || lo > 0 || hi < Nv;
+}
+
+// One row of scores: s = scale2 * s (+ log2(e) * bias), then -inf outside
+// [lo, hi) and in the pad columns [N, Nv) (Nv = N rounded up to whole
+// vectors), so that the softmax's vector loops see exp2(-inf) = 0 there.
+template <typename acc_t>
+inline void finish_score_row(acc_t* s, const acc_t* bias, int64_t N, int64_t Nv, acc_t scale2,
+                             int64_t lo, int64_t hi) {
+  constexpr int64_t W = kLanes<acc_t>;
+  const Vec<acc_t> vs = vbroadcast(scale2);
+  if (bias) {
+    const Vec<acc_t> vl = vbroadcast(static_cast<acc_t>(kLog2e));
+    for (int64_t c = 0; c < Nv; c += W) vstore(s + c, vload(s + c) * vs + vload(bias + c) * vl);
+  } else {
+    for (int64_t c = 0; c < Nv; c += W) vstore(s + c, vload(s + c) * vs);
+  }
+  hi = std::max<int64_t>(0, std::min(hi, N));
+  lo = std::min(lo, hi);
+  for (int64_t c = 0; c < lo; ++c) s[c] = neg_inf<acc_t>();
+  for (int64_t c = hi; c < Nv; ++c) s[c] = neg_inf<acc_t>();
+}
+
+// max over Nv (whole vectors) elements
+template <typename acc_t>
+inline acc_t row_max(const acc_t* s, int64_t Nv) {
+  constexpr int64_t W = kLanes<acc_t>;
+  Vec<acc_t> m = vbroadcast(neg_inf<acc_t>());
+  for (int64_t c = 0; c < Nv; c += W) m = vmax(m, vload(s + c));
+  return hmax(m);
+}
+
+// s[c] = exp2(s[c] * mul - shift) over Nv elements; returns their sum.
+template <typename acc_t>
+inline acc_t exp2_shift_sum(acc_t* s, int64_t Nv, acc_t mul, acc_t shift) {
+  constexpr int64_t W = kLanes<acc_t>;
+  const Vec<acc_t> vm = vbroadcast(mul), vsh = vbroadcast(shift);
+  Vec<acc_t> sum{};
+  for (int64_t c = 0; c < Nv; c += W) {
+    const Vec<acc_t> e = vexp2(vload(s + c) * vm - vsh);
+    vstore(s + c, e);
+    sum += e;
+  }
+  return hsum(sum);
+}
+
+// x[c] *= a over Nv elements
+template <typename acc_t>
+inline void scale_row(acc_t* x, int64_t Nv, acc_t a) {
+  constexpr int64_t W = kLanes<acc_t>;
+  const Vec<acc_t> va = vbroadcast(a);
+  for (int64_t c = 0; c < Nv; c += W) vstore(x + c, vload(x + c) * va);
+}
