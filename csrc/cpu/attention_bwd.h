@@ -117,7 +117,7 @@ struct BwdTile {
     const int64_t Nv = round_up_lanes<acc_t>(N);
     acc_t* bias_tile = nullptr;
     if (p.mask_kind != MaskKind::kNone) {
-      if (!load_mask_tile<acc_t, scalar_t>(p, b, h, i0, M, j0, N, bias.data(), BN))
+      if (!load_mask_tile<acc_t, scalar_t>(p, b, h, i0, M, j0, N, bias.data(), BN, 1))
         return;  // the mask excludes the whole tile
       bias_tile = bias.data();
     }

@@ -4,56 +4,67 @@
 // (kernels_isa.h) after simd.h, gemm.h and tile_ops.h.
 //
 // Work item = (batch, q-head, block of kFwdBlockM query rows); items run in
-// parallel with torch::stable::parallel_for. For one item:
-//   Q tile (M x E) is loaded once, converted to the accumulator type;
+// parallel with torch::stable::parallel_for. The scores are computed
+// transposed, keys x queries, so that the SIMD lanes run across queries:
+//   Q^T (E x M) is converted and transposed once per item;
 //   for each key tile [j0, j0 + kFwdBlockN) inside the band the structure
 //   allows (causal / window / key length; tiles outside are never visited):
 //     dense-mask tile read through its strides; all -inf -> skip the tile;
-//     S = scale * Q K^T + bias          (K converted and transposed, E x N)
-//     m_new = max(m, rowmax S);  P = exp(S - m_new)
-//     l = l * exp(m - m_new) + rowsum P;  acc = acc * exp(m - m_new) + P V
-//   out = acc / l,  lse = m + log l;  a row with no visible key gets out = 0,
-//   lse = -inf (never NaN).
+//     S^T = K Q^T                 (K read in place for float32/float64 inputs)
+//     scaled to base 2 (simd.h), + bias, -inf outside the band; for tiles
+//     the band and mask leave whole, the scaling is folded into the exp;
+//     per query (one SIMD lane): m_new = max(m, max over keys),
+//     P^T = exp2(S^T - m_new), l = l * 2^(m - m_new) + sum over keys
+//     acc = acc * 2^(m - m_new) + P V   (P^T read as a transposed GEMM operand)
+//   out = acc / l,  lse = ln 2 * (m + log2 l);  a row with no visible key gets
+//   out = 0, lse = -inf (never NaN).
 // Rows at or past query_lengths[b] are written as zeros with lse = -inf.
+// Queries-as-lanes means no K transpose per tile, no horizontal max/sum per
+// row, and one vector exp2 for eight rows' rescale factors.
 //
-// Tile sizes (float32, E = Ev = 64, measured on a 2-core Zen 3, 32 KiB L1d,
-// 512 KiB L2; see bench/README.md): 128 query rows amortise converting and
-// transposing each K/V tile over twice the rows of a 64-row block (the
-// packing is ~5% of the time at 64), and the working set, Q and the output
-// accumulator (32 KiB each), the score tile (32 KiB), K^T and V (16 KiB
-// each), sits in L2 while each GEMM's B panel (4-8 KiB) sits in L1.
+// Tile sizes (kernels.h; float32, E = Ev = 64, 2-core Zen 3 with 32 KiB L1d
+// and 512 KiB L2): 128 x 128 measured fastest of 64/128/256 x 64/128. The
+// working set (Q^T, the output accumulator and V at 32 KiB each, S^T at
+// 64 KiB) sits in L2 while each GEMM's B panel (a 16-column slice of Q^T or
+// V, 4-8 KiB) stays in L1, and 128 keys per tile halve the per-tile
+// bookkeeping (rescaling acc) against 64.
 // Memory: O(kFwdBlockM * (E + Ev + kFwdBlockN)) per thread; nothing of size
 // Lq x Lk.
 
 template <typename scalar_t, typename acc_t>
 struct FwdTile {
+  static constexpr bool kReadKInPlace = std::is_same<scalar_t, acc_t>::value;
+  static constexpr int64_t BM = kFwdBlockM, BN = kFwdBlockN, W = kLanes<acc_t>;
+
   const FwdParams& p;
-  const int64_t E, Ev, Ep, Evp;
-  Scratch<acc_t> q, kt, v, s, bias, acc, m, l, row_buf;
+  const int64_t E, Ev, Evp;
+  const acc_t scale2;  // scale * log2(e): scores in base 2
+  Scratch<acc_t> qt, k, v, st, bias, acc, m, l, alpha, row_buf;
 
   explicit FwdTile(const FwdParams& params)
       : p(params),
         E(params.head_dim),
         Ev(params.head_dim_v),
-        Ep(padded(params.head_dim)),
         Evp(padded(params.head_dim_v)),
-        q(kFwdBlockM * Ep),
-        kt(E * kFwdBlockN),
-        v(kFwdBlockN * Evp),
-        s(kFwdBlockM * kFwdBlockN),
-        bias(params.mask_kind == MaskKind::kNone ? 0 : kFwdBlockM * kFwdBlockN),
-        acc(kFwdBlockM * Evp),
-        m(kFwdBlockM),
-        l(kFwdBlockM),
+        scale2(static_cast<acc_t>(params.scale * kLog2e)),
+        qt(E * BM),
+        k(kReadKInPlace ? 0 : BN * E),
+        v(BN * Evp),
+        st(BN * BM),
+        bias(params.mask_kind == MaskKind::kNone ? 0 : BN * BM),
+        acc(BM * Evp),
+        m(BM),
+        l(BM),
+        alpha(BM),
         row_buf(8 * E) {}
 
   void run(int64_t b, int64_t h, int64_t m_block) {
     const int64_t hk = h / p.group_size();
-    const int64_t i0 = m_block * kFwdBlockM;
-    const int64_t rows = std::min(kFwdBlockM, p.seqlen_q - i0);
+    const int64_t i0 = m_block * BM;
+    const int64_t rows = std::min(BM, p.seqlen_q - i0);
     const int64_t M = std::max<int64_t>(0, std::min(rows, query_len(p, b) - i0));  // valid rows
+    const int64_t Mv = round_up_lanes<acc_t>(M);
     const RowBounds rb = row_bounds(p, b);
-    constexpr int64_t BN = kFwdBlockN;
 
     const scalar_t* Q = static_cast<const scalar_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
     const scalar_t* K = static_cast<const scalar_t*>(p.k) + b * p.k_strides.batch + hk * p.k_strides.head;
@@ -61,34 +72,42 @@ struct FwdTile {
     scalar_t* O = static_cast<scalar_t*>(p.out) + b * p.o_strides.batch + h * p.o_strides.head;
     acc_t* LSE = static_cast<acc_t*>(p.lse) + (b * p.heads_q + h) * p.seqlen_q;
 
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < BM; ++r) {
       m[r] = neg_inf<acc_t>();
       l[r] = acc_t(0);
     }
-    std::memset(static_cast<void*>(acc.data()), 0, sizeof(acc_t) * rows * Evp);
+    std::memset(static_cast<void*>(acc.data()), 0, sizeof(acc_t) * BM * Evp);
 
     if (M > 0) {
-      load_tile(Q + i0 * p.q_strides.row, p.q_strides.row, M, E, q.data(), Ep);
+      load_tile_transposed(Q + i0 * p.q_strides.row, p.q_strides.row, M, E, qt.data(), BM,
+                           row_buf.data());
       // Keys any row of this block may see.
       const int64_t j_begin = rb.begin(i0), j_end = rb.end(i0 + M - 1);
       for (int64_t j0 = j_begin; j0 < j_end; j0 += BN) {
         const int64_t N = std::min(BN, j_end - j0);
-        const int64_t Nv = round_up_lanes<acc_t>(N);
         acc_t* bias_tile = nullptr;
         if (p.mask_kind != MaskKind::kNone) {
-          if (!load_mask_tile<acc_t, scalar_t>(p, b, h, i0, M, j0, N, bias.data(), BN))
+          if (!load_mask_tile<acc_t, scalar_t>(p, b, h, i0, M, j0, N, bias.data(), 1, BM))
             continue;  // the mask excludes the whole tile
           bias_tile = bias.data();
         }
-        load_tile_transposed(K + j0 * p.k_strides.row, p.k_strides.row, N, E, kt.data(), BN,
-                             row_buf.data());
+        const acc_t* kp;
+        int64_t k_ld;
+        if constexpr (kReadKInPlace) {
+          kp = K + j0 * p.k_strides.row;
+          k_ld = p.k_strides.row;
+        } else {
+          load_tile(K + j0 * p.k_strides.row, p.k_strides.row, N, E, k.data(), E);
+          kp = k.data();
+          k_ld = E;
+        }
         load_tile(V + j0 * p.v_strides.row, p.v_strides.row, N, Ev, v.data(), Evp);
-        // S = Q K^T, then the online softmax
-        gemm<acc_t, false>(M, Nv, E, q.data(), Ep, 1, kt.data(), BN, s.data(), BN);
-        for (int64_t r = 0; r < M; ++r)
-          online_softmax_row(r, N, Nv, bias_tile, rb.begin(i0 + r) - j0, rb.end(i0 + r) - j0);
-        // acc += P V
-        gemm<acc_t, true>(M, round_up_lanes<acc_t>(Ev), N, s.data(), BN, 1, v.data(), Evp,
+        // S^T = K Q^T
+        gemm<acc_t, false>(N, Mv, E, kp, k_ld, 1, qt.data(), BM, st.data(), BM);
+        const acc_t mul = finish_tile(i0, M, Mv, j0, N, bias_tile);
+        softmax_step(M, Mv, N, mul);
+        // acc += P V, with P = (P^T)^T read through strides
+        gemm<acc_t, true>(M, round_up_lanes<acc_t>(Ev), N, st.data(), 1, BM, v.data(), Evp,
                           acc.data(), Evp);
       }
     }
@@ -97,35 +116,56 @@ struct FwdTile {
       const bool empty = r >= M || l[r] == acc_t(0);
       const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
       store_tile(acc.data() + r * Evp, Evp, 1, Ev, inv, O + (i0 + r) * p.o_strides.row, 0);
-      // m is in base 2 (scaled by log2 e): lse = ln 2 * (m + log2 l)
+      // m is in base 2: lse = ln 2 * (m + log2 l)
       LSE[i0 + r] = empty ? neg_inf<acc_t>() : static_cast<acc_t>(kLn2) * (m[r] + std::log2(l[r]));
     }
   }
 
-  // Turns row r of the score tile into probabilities relative to the
-  // running max (base 2, simd.h), rescaling the row's running sum and output
-  // accumulator. lo/hi: the row's visible keys relative to the tile.
-  void online_softmax_row(int64_t r, int64_t N, int64_t Nv, const acc_t* bias_tile, int64_t lo,
-                          int64_t hi) {
-    const acc_t scale2 = static_cast<acc_t>(p.scale * kLog2e);
-    acc_t* srow = s.data() + r * kFwdBlockN;
-    acc_t mul = scale2, tile_max;
-    if (needs_finish(bias_tile != nullptr, p.scale, lo, hi, Nv)) {
-      finish_score_row(srow, bias_tile ? bias_tile + r * kFwdBlockN : nullptr, N, Nv, scale2, lo, hi);
-      mul = acc_t(1);
-      tile_max = row_max(srow, Nv);
-    } else {
-      tile_max = row_max(srow, Nv) * scale2;  // scale2 > 0: the max commutes with it
+  // Scales S^T to base 2 and applies the mask and band, unless the tile is
+  // whole (no mask, the band covers it): then it returns the multiplier for
+  // the softmax to fold into its exp instead (the raw scores' maximum is the
+  // scaled one's since scale > 0). Key row n (key j = j0 + n) is seen by
+  // queries i with j - window_right <= i <= j + window_left.
+  acc_t finish_tile(int64_t i0, int64_t M, int64_t Mv, int64_t j0, int64_t N, const acc_t* bias_tile) {
+    const int64_t wl = p.window_left, wr = p.window_right;
+    const bool cut = (wr >= 0 && j0 + N - 1 - wr > i0) || (wl >= 0 && j0 + wl + 1 < i0 + M);
+    if (!bias_tile && !cut && p.scale > 0) return scale2;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t j = j0 + n;
+      const int64_t lo = wr < 0 ? 0 : j - wr - i0;
+      const int64_t hi = wl < 0 ? M : std::min(M, j + wl + 1 - i0);
+      finish_score_row(st.data() + n * BM, bias_tile ? bias_tile + n * BM : nullptr, M, Mv,
+                       scale2, lo, hi);
     }
-    if (tile_max == neg_inf<acc_t>()) {  // nothing visible in this tile
-      std::memset(static_cast<void*>(srow), 0, sizeof(acc_t) * Nv);
-      return;
+    return acc_t(1);
+  }
+
+  // Online softmax over a tile of S^T (N keys x Mv queries), lanes across
+  // queries: updates m, l, turns S^T into P^T and rescales acc's rows.
+  void softmax_step(int64_t M, int64_t Mv, int64_t N, acc_t mul) {
+    const Vec<acc_t> vmul = vbroadcast(mul), ninf = vbroadcast(neg_inf<acc_t>());
+    for (int64_t c = 0; c < Mv; c += W) {
+      acc_t* col = st.data() + c;
+      Vec<acc_t> mx = ninf;
+      for (int64_t n = 0; n < N; ++n) mx = vmax(mx, vload(col + n * BM));
+      const Vec<acc_t> m_old = vload(m.data() + c);
+      const Vec<acc_t> m_new = vmax(m_old, mx * vmul);
+      // A query that has seen no key yet keeps m = -inf; shift by 0 there so
+      // that exp2(-inf - shift) is 0 and never NaN.
+      const Vec<acc_t> shift = m_new == ninf ? Vec<acc_t>{} : m_new;
+      const Vec<acc_t> a = vexp2(m_old - shift);
+      Vec<acc_t> sum{};
+      for (int64_t n = 0; n < N; ++n) {
+        const Vec<acc_t> e = vexp2(vload(col + n * BM) * vmul - shift);
+        vstore(col + n * BM, e);
+        sum += e;
+      }
+      vstore(m.data() + c, m_new);
+      vstore(l.data() + c, vload(l.data() + c) * a + sum);
+      vstore(alpha.data() + c, a);
     }
-    const acc_t m_new = std::max(m[r], tile_max);
-    const acc_t alpha = sexp2(m[r] - m_new);  // exp2(-inf) = 0 on the first hit
-    l[r] = l[r] * alpha + exp2_shift_sum(srow, Nv, mul, m_new);
-    m[r] = m_new;
-    if (alpha != acc_t(1)) scale_row(acc.data() + r * Evp, Evp, alpha);
+    for (int64_t r = 0; r < M; ++r)
+      if (alpha[r] != acc_t(1)) scale_row(acc.data() + r * Evp, Evp, alpha[r]);
   }
 };
 

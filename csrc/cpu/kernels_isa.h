@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include <torch/csrc/stable/ops.h>
 #include <torch/headeronly/util/BFloat16.h>

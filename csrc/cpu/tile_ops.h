@@ -79,41 +79,39 @@ inline void store_tile(const acc_t* src, int64_t ld, int64_t rows, int64_t cols,
   }
 }
 
-// Reads the dense-mask tile for rows [i0, i0+M) x keys [j0, j0+N) of (b, h)
-// into bias[r * ld + c] as an additive term (-inf where a bool mask is
-// False). Returns false when every entry is -inf: the whole tile is excluded.
+// Reads the dense-mask tile for query rows [i0, i0+M) x keys [j0, j0+N) of
+// (b, h) as an additive term (-inf where a bool mask is False) into
+// bias[r * out_rs + c * out_cs] (out_cs = 1: row-major; out_rs = 1: the
+// transposed, key-major tile). Returns false when every entry is -inf: the
+// whole tile is excluded.
 template <typename acc_t, typename scalar_t>
 inline bool load_mask_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t M,
-                           int64_t j0, int64_t N, acc_t* bias, int64_t ld) {
+                           int64_t j0, int64_t N, acc_t* bias, int64_t out_rs, int64_t out_cs) {
   const int64_t cs = p.mask_col_stride;
-  const char* base = static_cast<const char*>(p.mask);
   bool any = false;
   for (int64_t r = 0; r < M; ++r) {
     const int64_t off = b * p.mask_batch_stride + h * p.mask_head_stride +
                         (i0 + r) * p.mask_row_stride + j0 * cs;
-    acc_t* out = bias + r * ld;
+    acc_t* out = bias + r * out_rs;
     switch (p.mask_kind) {
       case MaskKind::kBool: {
-        const bool* m = reinterpret_cast<const bool*>(base) + off;
-        for (int64_t c = 0; c < N; ++c) out[c] = m[c * cs] ? acc_t(0) : neg_inf<acc_t>();
+        const bool* m = static_cast<const bool*>(p.mask) + off;
+        for (int64_t c = 0; c < N; ++c) out[c * out_cs] = m[c * cs] ? acc_t(0) : neg_inf<acc_t>();
         break;
       }
       case MaskKind::kSameAsQ: {
-        const scalar_t* m = reinterpret_cast<const scalar_t*>(base) + off;
-        if (cs == 1) {
-          convert_row(m, N, out);
-        } else {
-          for (int64_t c = 0; c < N; ++c) out[c] = static_cast<acc_t>(static_cast<float>(m[c * cs]));
-        }
+        const scalar_t* m = static_cast<const scalar_t*>(p.mask) + off;
+        for (int64_t c = 0; c < N; ++c)
+          out[c * out_cs] = static_cast<acc_t>(static_cast<float>(m[c * cs]));
         break;
       }
       default: {  // kFloat32
-        const float* m = reinterpret_cast<const float*>(base) + off;
-        for (int64_t c = 0; c < N; ++c) out[c] = static_cast<acc_t>(m[c * cs]);
+        const float* m = static_cast<const float*>(p.mask) + off;
+        for (int64_t c = 0; c < N; ++c) out[c * out_cs] = static_cast<acc_t>(m[c * cs]);
         break;
       }
     }
-    for (int64_t c = 0; c < N; ++c) any |= out[c] != neg_inf<acc_t>();
+    for (int64_t c = 0; c < N; ++c) any |= out[c * out_cs] != neg_inf<acc_t>();
   }
   return any;
 }
