@@ -19,7 +19,7 @@ STABLE_TORCH_LIBRARY(effattn, m) {
       "Tensor out, Tensor lse, Tensor? mask, Tensor? key_lengths, "
       "Tensor? query_lengths, float scale, bool is_causal, int window_left, "
       "int window_right) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  // Which CPU kernel variant runs here: 0 baseline, 1 avx2, 2 avx512
+  // Which CPU kernel variant runs here: 0 baseline, 1 avx2, 2 avx512, 3 avx2_wide
   // (csrc/cpu/kernels.h; EFFATTN_CPU_ISA in the environment narrows it).
   m.def("cpu_isa() -> int");
 }

@@ -2,6 +2,8 @@
 backends to test, generated from each backend's own declarations."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -100,6 +102,47 @@ def _assert_bound(name, got, same_precision, oracle, dtype):
     scale = max(1.0, oracle.abs().max().item()) if got.numel() else 1.0
     bound = 2 * err_pt + _floor(dtype) * scale
     assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g} (same-precision math: {err_pt:.3g})"
+
+
+# The CPU kernel is compiled once per instruction set and picks the widest at
+# run time (csrc/cpu/kernels.h); EFFATTN_CPU_ISA selects a narrower one.
+# avx2_wide is the AVX-512 variant's 16-lane source compiled for AVX2, so its
+# code paths are tested on machines without AVX-512.
+CPU_ISAS = ["baseline", "avx2", "avx2_wide", "avx512"]
+
+
+def cpu_isa_runs_here(name):
+    """(runs, reason) for a CPU kernel variant on this machine."""
+    if effattn.ops.LOAD_ERROR:
+        return False, effattn.ops.LOAD_ERROR
+    saved = os.environ.get("EFFATTN_CPU_ISA")
+    try:
+        os.environ["EFFATTN_CPU_ISA"] = name
+        torch.ops.effattn.cpu_isa()
+        return True, ""
+    except RuntimeError as exc:
+        return False, str(exc).splitlines()[0]
+    finally:
+        if saved is None:
+            os.environ.pop("EFFATTN_CPU_ISA", None)
+        else:
+            os.environ["EFFATTN_CPU_ISA"] = saved
+
+
+def _isa_params():
+    params = []
+    for name in CPU_ISAS:
+        runs, reason = cpu_isa_runs_here(name)
+        params.append(pytest.param(name, id=f"isa={name}",
+                                   marks=() if runs else pytest.mark.skip(reason=f"{name}: {reason}")))
+    return params
+
+
+@pytest.fixture(params=_isa_params())
+def cpu_isa(request, monkeypatch):
+    """Runs a test once per CPU kernel variant this machine can execute."""
+    monkeypatch.setenv("EFFATTN_CPU_ISA", request.param)
+    return request.param
 
 
 @pytest.fixture(autouse=True)

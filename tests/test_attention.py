@@ -1,5 +1,6 @@
 """Every option of effattn.attention, for every fused backend usable here,
-against the float64 reference: forward and gradients."""
+against the float64 reference: forward and gradients. The whole matrix runs
+once per CPU kernel variant (instruction set) this machine can execute."""
 import pytest
 import torch
 
@@ -7,6 +8,7 @@ import effattn
 from conftest import DTYPES, check_against_oracle, kernel_backends, make_qkv
 
 BACKENDS = kernel_backends("cpu")
+pytestmark = pytest.mark.usefixtures("cpu_isa")
 
 
 def test_there_is_a_cpu_kernel_to_test():

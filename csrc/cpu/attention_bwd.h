@@ -40,8 +40,10 @@ void compute_delta(const BwdParams& p) {
                       h * p.o_strides.head + i * p.o_strides.row, Ev, o.data());
       convert_row(static_cast<const scalar_t*>(p.dout) + b * p.do_strides.batch +
                       h * p.do_strides.head + i * p.do_strides.row, Ev, d.data());
+      // Summed in the order and rounding of the GEMM entry dP = dO V^T, so that
+      // dP - delta is exactly 0 where out = v (e.g. one visible key).
       acc_t sum = 0;
-      for (int64_t e = 0; e < Ev; ++e) sum += o[e] * d[e];
+      for (int64_t e = 0; e < Ev; ++e) sum = madd(d[e], o[e], sum);
       if (p.dlse) sum -= static_cast<const acc_t*>(p.dlse)[it];
       static_cast<acc_t*>(p.delta)[it] = sum;
     }

@@ -3,8 +3,9 @@
 // kernel variant for the widest instruction set this CPU has (kernels.h).
 //
 // EFFATTN_CPU_ISA=baseline|avx2|avx512 in the environment asks for a
-// narrower variant (tests run each one); asking for one the CPU lacks is an
-// error, never a crash. effattn::cpu_isa() says which variant runs.
+// narrower variant (tests run each one; avx2_wide is a test-only one, see
+// kernels_avx2_wide.cpp); asking for one the CPU lacks is an error, never a
+// crash. effattn::cpu_isa() says which variant runs (Isa's value).
 #include <cstdlib>
 #include <cstring>
 
@@ -21,6 +22,7 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
+    case Isa::kAvx2Wide: return "avx2_wide";
     default: return "baseline";
   }
 }
@@ -43,22 +45,26 @@ Isa best_isa() {
   return Isa::kBaseline;
 }
 
+bool runs_here(Isa isa, Isa best) {
+  if (isa == Isa::kAvx2Wide) isa = Isa::kAvx2;  // needs what avx2 needs
+  return static_cast<int64_t>(isa) <= static_cast<int64_t>(best);
+}
+
 // The variant to run: the best one, or the one EFFATTN_CPU_ISA asks for
 // (read on every call, so tests can switch between calls; it costs ~100 ns).
 Isa selected_isa() {
   static const Isa best = best_isa();
   const char* want = std::getenv("EFFATTN_CPU_ISA");
   if (want == nullptr || *want == '\0' || std::strcmp(want, "auto") == 0) return best;
-  for (Isa isa : {Isa::kBaseline, Isa::kAvx2, Isa::kAvx512}) {
+  for (Isa isa : {Isa::kBaseline, Isa::kAvx2, Isa::kAvx512, Isa::kAvx2Wide}) {
     if (std::strcmp(want, isa_name(isa)) == 0) {
-      STD_TORCH_CHECK(static_cast<int64_t>(isa) <= static_cast<int64_t>(best),
-                      "effattn (cpu): EFFATTN_CPU_ISA=", want, " but this CPU supports at most ",
-                      isa_name(best));
+      STD_TORCH_CHECK(runs_here(isa, best), "effattn (cpu): EFFATTN_CPU_ISA=", want,
+                      " but this CPU supports at most ", isa_name(best));
       return isa;
     }
   }
   STD_TORCH_CHECK(false, "effattn (cpu): EFFATTN_CPU_ISA=", want,
-                  " is not one of auto, baseline, avx2, avx512");
+                  " is not one of auto, baseline, avx2, avx512, avx2_wide");
   return best;
 }
 
@@ -67,6 +73,7 @@ void run_fwd(ScalarType dtype, const FwdParams& p) {
 #if defined(__x86_64__)
     case Isa::kAvx512: avx512::attention_fwd(dtype, p); break;
     case Isa::kAvx2: avx2::attention_fwd(dtype, p); break;
+    case Isa::kAvx2Wide: avx2_wide::attention_fwd(dtype, p); break;
 #endif
     default: baseline::attention_fwd(dtype, p); break;
   }
@@ -77,6 +84,7 @@ void run_bwd(ScalarType dtype, const BwdParams& p) {
 #if defined(__x86_64__)
     case Isa::kAvx512: avx512::attention_bwd(dtype, p); break;
     case Isa::kAvx2: avx2::attention_bwd(dtype, p); break;
+    case Isa::kAvx2Wide: avx2_wide::attention_bwd(dtype, p); break;
 #endif
     default: baseline::attention_bwd(dtype, p); break;
   }

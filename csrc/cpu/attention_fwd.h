@@ -10,9 +10,11 @@
 //   for each key tile [j0, j0 + kFwdBlockN) inside the band the structure
 //   allows (causal / window / key length; tiles outside are never visited):
 //     dense-mask tile read through its strides; all -inf -> skip the tile;
-//     S^T = K Q^T                 (K read in place for float32/float64 inputs)
-//     scaled to base 2 (simd.h), + bias, -inf outside the band; for tiles
-//     the band and mask leave whole, the scaling is folded into the exp;
+//     S^T = K Q^T                 (K read in place for float32/float64 inputs;
+//                                  Q^T pre-multiplied by scale * log2 e, so
+//                                  S^T is in base 2, simd.h)
+//     + bias * log2 e, -inf outside the band (tiles the band and mask leave
+//     whole need neither);
 //     per query (one SIMD lane): m_new = max(m, max over keys),
 //     P^T = exp2(S^T - m_new), l = l * 2^(m - m_new) + sum over keys
 //     acc = acc * 2^(m - m_new) + P V   (P^T read as a transposed GEMM operand)
@@ -81,6 +83,10 @@ struct FwdTile {
     if (M > 0) {
       load_tile_transposed(Q + i0 * p.q_strides.row, p.q_strides.row, M, E, qt.data(), BM,
                            row_buf.data());
+      // Scores in base 2 straight from the GEMM. The softmax then subtracts
+      // the exact maximum, so a row's largest score gives exactly 2^0 = 1 (a
+      // row with one visible key gets out = v exactly, as the math does).
+      for (int64_t e = 0; e < E; ++e) scale_row(qt.data() + e * BM, BM, scale2);
       // Keys any row of this block may see.
       const int64_t j_begin = rb.begin(i0), j_end = rb.end(i0 + M - 1);
       for (int64_t j0 = j_begin; j0 < j_end; j0 += BN) {
@@ -104,8 +110,8 @@ struct FwdTile {
         load_tile(V + j0 * p.v_strides.row, p.v_strides.row, N, Ev, v.data(), Evp);
         // S^T = K Q^T
         gemm<acc_t, false>(N, Mv, E, kp, k_ld, 1, qt.data(), BM, st.data(), BM);
-        const acc_t mul = finish_tile(i0, M, Mv, j0, N, bias_tile);
-        softmax_step(M, Mv, N, mul);
+        finish_tile(i0, M, Mv, j0, N, bias_tile);
+        softmax_step(M, Mv, N);
         // acc += P V, with P = (P^T)^T read through strides
         gemm<acc_t, true>(M, round_up_lanes<acc_t>(Ev), N, st.data(), 1, BM, v.data(), Evp,
                           acc.data(), Evp);
@@ -121,42 +127,40 @@ struct FwdTile {
     }
   }
 
-  // Scales S^T to base 2 and applies the mask and band, unless the tile is
-  // whole (no mask, the band covers it): then it returns the multiplier for
-  // the softmax to fold into its exp instead (the raw scores' maximum is the
-  // scaled one's since scale > 0). Key row n (key j = j0 + n) is seen by
-  // queries i with j - window_right <= i <= j + window_left.
-  acc_t finish_tile(int64_t i0, int64_t M, int64_t Mv, int64_t j0, int64_t N, const acc_t* bias_tile) {
+  // Adds the mask and sets -inf outside the band, for tiles that the mask or
+  // the band cut into (the others are whole: nothing to do). Key row n
+  // (key j = j0 + n) is seen by queries i with
+  // j - window_right <= i <= j + window_left.
+  void finish_tile(int64_t i0, int64_t M, int64_t Mv, int64_t j0, int64_t N, const acc_t* bias_tile) {
     const int64_t wl = p.window_left, wr = p.window_right;
     const bool cut = (wr >= 0 && j0 + N - 1 - wr > i0) || (wl >= 0 && j0 + wl + 1 < i0 + M);
-    if (!bias_tile && !cut && p.scale > 0) return scale2;
+    if (!bias_tile && !cut) return;
     for (int64_t n = 0; n < N; ++n) {
       const int64_t j = j0 + n;
       const int64_t lo = wr < 0 ? 0 : j - wr - i0;
       const int64_t hi = wl < 0 ? M : std::min(M, j + wl + 1 - i0);
       finish_score_row(st.data() + n * BM, bias_tile ? bias_tile + n * BM : nullptr, M, Mv,
-                       scale2, lo, hi);
+                       acc_t(1), lo, hi);
     }
-    return acc_t(1);
   }
 
   // Online softmax over a tile of S^T (N keys x Mv queries), lanes across
   // queries: updates m, l, turns S^T into P^T and rescales acc's rows.
-  void softmax_step(int64_t M, int64_t Mv, int64_t N, acc_t mul) {
-    const Vec<acc_t> vmul = vbroadcast(mul), ninf = vbroadcast(neg_inf<acc_t>());
+  void softmax_step(int64_t M, int64_t Mv, int64_t N) {
+    const Vec<acc_t> ninf = vbroadcast(neg_inf<acc_t>());
     for (int64_t c = 0; c < Mv; c += W) {
       acc_t* col = st.data() + c;
       Vec<acc_t> mx = ninf;
       for (int64_t n = 0; n < N; ++n) mx = vmax(mx, vload(col + n * BM));
       const Vec<acc_t> m_old = vload(m.data() + c);
-      const Vec<acc_t> m_new = vmax(m_old, mx * vmul);
+      const Vec<acc_t> m_new = vmax(m_old, mx);
       // A query that has seen no key yet keeps m = -inf; shift by 0 there so
       // that exp2(-inf - shift) is 0 and never NaN.
       const Vec<acc_t> shift = m_new == ninf ? Vec<acc_t>{} : m_new;
       const Vec<acc_t> a = vexp2(m_old - shift);
       Vec<acc_t> sum{};
       for (int64_t n = 0; n < N; ++n) {
-        const Vec<acc_t> e = vexp2(vload(col + n * BM) * vmul - shift);
+        const Vec<acc_t> e = vexp2(vload(col + n * BM) - shift);
         vstore(col + n * BM, e);
         sum += e;
       }

@@ -17,6 +17,7 @@ enum class Isa : int64_t {
   kBaseline = 0,  // 16-byte vectors: SSE2 on x86-64 (NEON elsewhere), any CPU
   kAvx2 = 1,      // 32-byte vectors, FMA, F16C
   kAvx512 = 2,    // 64-byte vectors (AVX-512 F/BW/DQ/VL)
+  kAvx2Wide = 3,  // tests only: the 64-byte source on AVX2 (kernels_avx2_wide.cpp)
 };
 
 const char* isa_name(Isa isa);
@@ -44,6 +45,7 @@ inline int64_t padded(int64_t n) { return (n + kColAlign - 1) / kColAlign * kCol
 EFFATTN_DECLARE_CPU_KERNELS(baseline)
 EFFATTN_DECLARE_CPU_KERNELS(avx2)
 EFFATTN_DECLARE_CPU_KERNELS(avx512)
+EFFATTN_DECLARE_CPU_KERNELS(avx2_wide)
 #undef EFFATTN_DECLARE_CPU_KERNELS
 
 }  // namespace cpu

@@ -53,6 +53,14 @@ template <typename T>
 inline Vec<T> vbroadcast(T x) {
   return x - Vec<T>{};
 }
+// a * b + c on scalars, rounded exactly like the GEMM's vector a * b + c
+// (one FMA where the ISA has one, else a multiply and an add), so that a
+// scalar dot product can reproduce a GEMM entry bit for bit.
+template <typename T>
+inline T madd(T a, T b, T c) {
+  return (vbroadcast(a) * vbroadcast(b) + vbroadcast(c))[0];
+}
+
 // (Templates on the vector type itself: the element type of Vec<T> cannot be
 // deduced from an argument.)
 template <typename V>

@@ -16,6 +16,17 @@ constexpr acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
 }
 
+// One input element in the accumulator type (bf16/fp16 through float;
+// float64 exactly).
+template <typename acc_t, typename scalar_t>
+inline acc_t to_acc(scalar_t x) {
+  if constexpr (std::is_same<scalar_t, double>::value) {
+    return static_cast<acc_t>(x);
+  } else {
+    return static_cast<acc_t>(static_cast<float>(x));
+  }
+}
+
 // Per-thread scratch: zero-initialised (so pad columns hold finite values),
 // cache-line aligned.
 template <typename T>
@@ -102,7 +113,7 @@ inline bool load_mask_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0,
       case MaskKind::kSameAsQ: {
         const scalar_t* m = static_cast<const scalar_t*>(p.mask) + off;
         for (int64_t c = 0; c < N; ++c)
-          out[c * out_cs] = static_cast<acc_t>(static_cast<float>(m[c * cs]));
+          out[c * out_cs] = to_acc<acc_t>(m[c * cs]);
         break;
       }
       default: {  // kFloat32

@@ -1,0 +1,13 @@
+// Test-only variant: the AVX-512 variant's source and vector width (64 bytes,
+// 16 float lanes) compiled for AVX2, the compiler splitting each vector
+// operation in two. Never chosen automatically; EFFATTN_CPU_ISA=avx2_wide
+// selects it so that the 16-lane code paths (tile padding, GEMM panels,
+// softmax lanes) are tested on CPUs without AVX-512, like the development
+// and CI machines.
+#if defined(__x86_64__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors without AVX-512: internal, inline only
+#define EFFATTN_ISA_NAMESPACE avx2_wide
+#define EFFATTN_SIMD_BYTES 64
+#define EFFATTN_ISA_TARGET "avx2,fma,f16c"
+#include "kernels_isa.h"
+#endif
