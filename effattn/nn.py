@@ -280,7 +280,8 @@ class AttentionPooling(torch.nn.Module):
         self.attn_dim, self.value_dim, self.query_kind, self.combine = attn_dim, value_dim, query, combine
         self.out_dim = value_dim * (num_queries if combine == "concat" else 1)
 
-        self.key_proj = torch.nn.Linear(embed_dim, attn_dim, bias=bias, **kw) if key_proj else None
+        # no key bias: it adds the same q.b to every score of a query, which softmax ignores (zero gradient)
+        self.key_proj = torch.nn.Linear(embed_dim, attn_dim, bias=False, **kw) if key_proj else None
         self.value_proj = torch.nn.Linear(embed_dim, value_dim, bias=bias, **kw) if value_proj else None
         if query == "learned":
             # N(0, 1): with the 1/sqrt(d) scale, scores start O(1), neither uniform nor saturated
