@@ -245,6 +245,9 @@ class AttentionPooling(torch.nn.Module):
       attn_dim: size of queries and keys (default D; must be D without key_proj).
       key_proj, value_proj: whether keys / values are a linear projection of x.
       value_dim: size of values with value_proj (default D).
+      bias: whether the query and value projections have a bias (the key
+        projection never has one: it would add the same q.b to every score of
+        a query, which softmax ignores, so its gradient is always zero).
 
     ``forward(x, lengths, return_weights=True)`` also returns the attention
     weights (B, num_heads, num_queries, N), cheap here since the query count is
