@@ -3,12 +3,14 @@
     import effattn
     out = effattn.attention(q, k, v, is_causal=True)   # SDPA's signature
     print(effattn.backends())                           # what runs here
+    mha = effattn.nn.MultiheadAttention(512, 8)        # modules: effattn.nn
 """
 from . import ops  # noqa: F401  (loads effattn._C and registers fake/autograd)
 from . import reference  # noqa: F401
 from . import backends  # noqa: F401  (callable: effattn.backends(...))
+from . import nn  # noqa: F401  (MultiheadAttention, AttentionPooling)
 from .api import attention
 from .spec import AttentionSpec, make_spec
 
 __version__ = "0.1.0"
-__all__ = ["attention", "backends", "reference", "AttentionSpec", "make_spec", "__version__"]
+__all__ = ["attention", "backends", "nn", "reference", "AttentionSpec", "make_spec", "__version__"]
