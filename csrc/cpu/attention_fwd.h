@@ -3,14 +3,15 @@
 // One source for every ISA: included inside the per-ISA namespace
 // (kernels_isa.h) after simd.h, gemm.h and tile_ops.h.
 //
-// Work item = (batch, q-head, block of kFwdBlockM query rows); items run in
-// parallel with torch::stable::parallel_for. The scores are computed
+// Work item = (batch, q-head, block of kFwdBlockM query rows); items are
+// handed to torch's threads dynamically (parallel_items, tile_ops.h). The scores are computed
 // transposed, keys x queries, so that the SIMD lanes run across queries:
 //   Q^T (E x M) is converted and transposed once per item;
 //   for each key tile [j0, j0 + kFwdBlockN) inside the band the structure
 //   allows (causal / window / key length; tiles outside are never visited):
 //     dense-mask tile read through its strides; all -inf -> skip the tile;
-//     S^T = K Q^T                 (K read in place for float32/float64 inputs;
+//     S^T = K Q^T                 (K, and V below, read in place for
+//                                  float32/float64 inputs;
 //                                  Q^T pre-multiplied by scale * log2 e, so
 //                                  S^T is in base 2, simd.h)
 //     + bias * log2 e, -inf outside the band (tiles the band and mask leave
@@ -40,6 +41,9 @@ struct FwdTile {
 
   const FwdParams& p;
   const int64_t E, Ev, Evp;
+  // V is read in place as the P V GEMM's B operand when no conversion is
+  // needed and its rows are whole vectors (the GEMM reads round_up(Ev) columns).
+  const bool v_in_place;
   const acc_t scale2;  // scale * log2(e): scores in base 2
   Scratch<acc_t> qt, k, v, st, bias, acc, m, l, alpha, row_buf;
 
@@ -48,10 +52,11 @@ struct FwdTile {
         E(params.head_dim),
         Ev(params.head_dim_v),
         Evp(padded(params.head_dim_v)),
+        v_in_place(kReadKInPlace && params.head_dim_v % W == 0),
         scale2(static_cast<acc_t>(params.scale * kLog2e)),
         qt(E * BM),
         k(kReadKInPlace ? 0 : BN * E),
-        v(BN * Evp),
+        v(v_in_place ? 0 : BN * Evp),
         st(BN * BM),
         bias(params.mask_kind == MaskKind::kNone ? 0 : BN * BM),
         acc(BM * Evp),
@@ -100,21 +105,30 @@ struct FwdTile {
         const acc_t* kp;
         int64_t k_ld;
         if constexpr (kReadKInPlace) {
-          kp = K + j0 * p.k_strides.row;
+          kp = reinterpret_cast<const acc_t*>(K + j0 * p.k_strides.row);
           k_ld = p.k_strides.row;
         } else {
           load_tile(K + j0 * p.k_strides.row, p.k_strides.row, N, E, k.data(), E);
           kp = k.data();
           k_ld = E;
         }
-        load_tile(V + j0 * p.v_strides.row, p.v_strides.row, N, Ev, v.data(), Evp);
+        const acc_t* vp;
+        int64_t v_ld;
+        if (v_in_place) {
+          vp = reinterpret_cast<const acc_t*>(V + j0 * p.v_strides.row);
+          v_ld = p.v_strides.row;
+        } else {
+          load_tile(V + j0 * p.v_strides.row, p.v_strides.row, N, Ev, v.data(), Evp);
+          vp = v.data();
+          v_ld = Evp;
+        }
         // S^T = K Q^T
         gemm<acc_t, false>(N, Mv, E, kp, k_ld, 1, qt.data(), BM, st.data(), BM);
         finish_tile(i0, M, Mv, j0, N, bias_tile);
         softmax_step(M, Mv, N);
         // acc += P V, with P = (P^T)^T read through strides
-        gemm<acc_t, true>(M, round_up_lanes<acc_t>(Ev), N, st.data(), 1, BM, v.data(), Evp,
-                          acc.data(), Evp);
+        gemm<acc_t, true>(M, round_up_lanes<acc_t>(Ev), N, st.data(), 1, BM, vp, v_ld, acc.data(),
+                          Evp);
       }
     }
     // Epilogue: normalise and write; rows without any visible key -> 0, -inf.
@@ -176,17 +190,14 @@ struct FwdTile {
 template <typename scalar_t, typename acc_t>
 void attention_fwd(const FwdParams& p) {
   const int64_t m_blocks = (p.seqlen_q + kFwdBlockM - 1) / kFwdBlockM;
-  const int64_t items = p.batch * p.heads_q * m_blocks;
-  torch::stable::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    FwdTile<scalar_t, acc_t> tile(p);
-    for (int64_t it = begin; it < end; ++it) {
-      // Zigzag over query blocks (0, last, 1, last-1, ...): under causal or
-      // window masks block cost grows with its index, and parallel_for hands
-      // each thread a contiguous range, which would otherwise be unbalanced.
-      const int64_t r = it % m_blocks;
-      const int64_t m_block = (r % 2 == 0) ? r / 2 : m_blocks - 1 - r / 2;
-      const int64_t bh = it / m_blocks;
-      tile.run(bh / p.heads_q, bh % p.heads_q, m_block);
-    }
-  });
+  const int64_t heads = p.batch * p.heads_q;
+  // Items go out dynamically (parallel_items), the last query block of
+  // every head first: under causal or window masks a block's cost grows
+  // with its index, and handing out the largest first balances the tail.
+  parallel_items(
+      heads * m_blocks, [&] { return std::make_unique<FwdTile<scalar_t, acc_t>>(p); },
+      [&](FwdTile<scalar_t, acc_t>& tile, int64_t it) {
+        const int64_t m_block = m_blocks - 1 - it / heads, bh = it % heads;
+        tile.run(bh / p.heads_q, bh % p.heads_q, m_block);
+      });
 }

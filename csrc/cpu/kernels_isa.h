@@ -10,11 +10,13 @@
 // function compiled for a wider ISA can be shared with (and picked by the
 // linker for) another variant, and the baseline runs on any CPU.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 
 #include <torch/csrc/stable/ops.h>

@@ -49,6 +49,23 @@ class Scratch {
   T* ptr_;
 };
 
+// Runs body(state, item) for every item in [0, n) on torch's thread pool,
+// handing items out one at a time from a shared counter: work items differ in
+// cost (causal bands, per-batch lengths, padded rows), and parallel_for alone
+// would give each thread a fixed contiguous range of them. make_state()
+// builds each worker's scratch (a std::unique_ptr). If the pool runs the
+// workers' range inline on one thread, that thread simply drains every item.
+template <typename MakeState, typename Body>
+inline void parallel_items(int64_t n, MakeState make_state, Body body) {
+  if (n <= 0) return;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, torch::stable::get_num_threads()));
+  std::atomic<int64_t> next{0};
+  torch::stable::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t it = next.fetch_add(1); it < n; it = next.fetch_add(1)) body(*state, it);
+  });
+}
+
 // dst[r * ld + c] = src[r * row_stride + c]   (r < rows, c < cols)
 template <typename acc_t, typename scalar_t>
 inline void load_tile(const scalar_t* src, int64_t row_stride, int64_t rows, int64_t cols,
