@@ -20,8 +20,8 @@ Sections (each row: effattn and its peer measured in this process, same inputs):
 
 FLOPs: 4 * B * H * L * S * E for the forward (two GEMMs), halved for causal, and
 2.5x that for the backward; for padded batches the FLOPs of the dense problem.
-Times: median of --iters runs after one warm-up. Writes JSON and a markdown table
-under bench/results/.
+Times: medians of --iters runs after one warm-up, the methods of a row timed
+round-robin. Writes JSON and a markdown table under bench/results/.
 """
 import argparse
 import datetime
@@ -51,14 +51,19 @@ def flops(B, H, L, S, E, causal=False, backward=False):
     return f * (3.5 if backward else 1.0)  # forward + 2.5x forward
 
 
-def median_ms(fn, iters):
-    fn()  # warm-up
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
+def medians_ms(fns, iters):
+    """Median ms of each callable, timed round-robin (one run of each per round,
+    after one warm-up round), so that every method sees the same machine
+    conditions; this shared 2-core machine drifts by 10-15% over minutes."""
+    for fn in fns.values():
         fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def inputs(B, H, L, E, dtype, seed=0):
@@ -67,12 +72,19 @@ def inputs(B, H, L, E, dtype, seed=0):
     return [t.requires_grad_(i < 3) for i, t in enumerate((q, k, v, dout))]
 
 
-def fwd_and_fwdbwd(call, q, k, v, dout, iters):
-    """(forward ms, forward+backward ms) of call(q, k, v)."""
-    with torch.no_grad():
-        t_fwd = median_ms(lambda: call(q, k, v), iters)
-    t_all = median_ms(lambda: torch.autograd.grad(call(q, k, v), (q, k, v), dout), iters)
-    return t_fwd, t_all
+def fwd_and_fwdbwd(calls, q, k, v, dout, iters):
+    """{name: (forward ms, forward+backward ms)} of each call(q, k, v), compared
+    round-robin."""
+    def no_grad(call):
+        def run():
+            with torch.no_grad():
+                call(q, k, v)
+        return run
+
+    fwd = medians_ms({n: no_grad(c) for n, c in calls.items()}, iters)
+    both = medians_ms({n: (lambda c=c: torch.autograd.grad(c(q, k, v), (q, k, v), dout))
+                       for n, c in calls.items()}, iters)
+    return {n: (fwd[n], both[n]) for n in calls}
 
 
 def sdpa(q, k, v, **kw):
@@ -88,8 +100,8 @@ def headline(shapes, iters, log):
     for (B, H, L, E) in shapes:
         for dname, dt in DTYPES.items():
             q, k, v, dout = inputs(B, H, L, E, dt)
-            e = fwd_and_fwdbwd(eff, q, k, v, dout, iters)
-            s = fwd_and_fwdbwd(sdpa, q, k, v, dout, iters)
+            t = fwd_and_fwdbwd(dict(effattn=eff, sdpa=sdpa), q, k, v, dout, iters)
+            e, s = t["effattn"], t["sdpa"]
             row = dict(shape=[B, H, L, E], dtype=dname, effattn_fwd_ms=e[0], effattn_fwdbwd_ms=e[1],
                        sdpa_fwd_ms=s[0], sdpa_fwdbwd_ms=s[1], ratio_fwd=e[0] / s[0],
                        ratio_fwdbwd=e[1] / s[1],
@@ -104,9 +116,9 @@ def headline(shapes, iters, log):
 def causal(shape, iters, log):
     B, H, L, E = shape
     q, k, v, dout = inputs(B, H, L, E, torch.float32)
-    dense = fwd_and_fwdbwd(eff, q, k, v, dout, iters)
-    tri = fwd_and_fwdbwd(lambda *a: eff(*a, is_causal=True), q, k, v, dout, iters)
-    s_tri = fwd_and_fwdbwd(lambda *a: sdpa(*a, is_causal=True), q, k, v, dout, iters)
+    t = fwd_and_fwdbwd(dict(dense=eff, causal=lambda *a: eff(*a, is_causal=True),
+                            sdpa_causal=lambda *a: sdpa(*a, is_causal=True)), q, k, v, dout, iters)
+    dense, tri, s_tri = t["dense"], t["causal"], t["sdpa_causal"]
     row = dict(shape=list(shape), dtype="float32", effattn_fwd_ms=dense[0], effattn_fwdbwd_ms=dense[1],
                effattn_causal_fwd_ms=tri[0], effattn_causal_fwdbwd_ms=tri[1],
                sdpa_causal_fwd_ms=s_tri[0], sdpa_causal_fwdbwd_ms=s_tri[1],
@@ -128,10 +140,10 @@ def padded(shape, iters, log):
     B, H, L, E = shape
     q, k, v, dout = inputs(B, H, L, E, torch.float32)
     lengths, mask = padded_case(B, L)
-    e_len = fwd_and_fwdbwd(lambda *a: eff(*a, key_lengths=lengths, query_lengths=lengths),
-                           q, k, v, dout, iters)
-    e_mask = fwd_and_fwdbwd(lambda *a: eff(*a, attn_mask=mask), q, k, v, dout, iters)
-    s_mask = fwd_and_fwdbwd(lambda *a: sdpa(*a, attn_mask=mask), q, k, v, dout, iters)
+    t = fwd_and_fwdbwd(dict(lengths=lambda *a: eff(*a, key_lengths=lengths, query_lengths=lengths),
+                            mask=lambda *a: eff(*a, attn_mask=mask),
+                            sdpa_mask=lambda *a: sdpa(*a, attn_mask=mask)), q, k, v, dout, iters)
+    e_len, e_mask, s_mask = t["lengths"], t["mask"], t["sdpa_mask"]
     row = dict(shape=list(shape), dtype="float32", lengths=lengths.tolist(),
                effattn_lengths_fwd_ms=e_len[0], effattn_lengths_fwdbwd_ms=e_len[1],
                effattn_mask_fwd_ms=e_mask[0], effattn_mask_fwdbwd_ms=e_mask[1],
@@ -179,13 +191,26 @@ def memory(shape, lengths_L, log):
 
 
 def head_dims(B, H, L, dims, iters, log):
+    """All head dims timed round-robin, each on its own inputs."""
+    data = {E: inputs(B, H, L, E, torch.float32) for E in dims}
+
+    def fwd(E):
+        def run():
+            with torch.no_grad():
+                eff(*data[E][:3])
+        return run
+
+    def both(E):
+        q, k, v, dout = data[E]
+        return lambda: torch.autograd.grad(eff(q, k, v), (q, k, v), dout)
+
+    t_fwd = medians_ms({E: fwd(E) for E in dims}, iters)
+    t_all = medians_ms({E: both(E) for E in dims}, iters)
     rows = []
     for E in dims:
-        q, k, v, dout = inputs(B, H, L, E, torch.float32)
-        t = fwd_and_fwdbwd(eff, q, k, v, dout, iters)
-        rows.append(dict(shape=[B, H, L, E], fwd_ms=t[0], fwdbwd_ms=t[1],
-                         fwd_gflops=flops(B, H, L, L, E) / t[0] / 1e6,
-                         fwdbwd_gflops=flops(B, H, L, L, E, backward=True) / t[1] / 1e6))
+        rows.append(dict(shape=[B, H, L, E], fwd_ms=t_fwd[E], fwdbwd_ms=t_all[E],
+                         fwd_gflops=flops(B, H, L, L, E) / t_fwd[E] / 1e6,
+                         fwdbwd_gflops=flops(B, H, L, L, E, backward=True) / t_all[E] / 1e6))
     ref = next((r for r in rows if r["shape"][3] == 64), rows[0])
     for r in rows:
         r["fwd_rate_vs_64"] = r["fwd_gflops"] / ref["fwd_gflops"]
@@ -198,20 +223,26 @@ def head_dims(B, H, L, dims, iters, log):
 def isa_variants(shape, iters, log):
     B, H, L, E = shape
     q, k, v, dout = inputs(B, H, L, E, torch.float32)
-    best = torch.ops.effattn.cpu_isa()
+    names = ISA_NAMES[:min(torch.ops.effattn.cpu_isa(), 2) + 1]
+
+    def variant(name):  # the kernel reads EFFATTN_CPU_ISA on every call
+        def call(*a):
+            saved = os.environ.get("EFFATTN_CPU_ISA")
+            os.environ["EFFATTN_CPU_ISA"] = name
+            try:
+                return eff(*a)
+            finally:
+                if saved is None:
+                    os.environ.pop("EFFATTN_CPU_ISA", None)
+                else:
+                    os.environ["EFFATTN_CPU_ISA"] = saved
+        return call
+
+    t = fwd_and_fwdbwd({n: variant(n) for n in names}, q, k, v, dout, iters)
     rows = []
-    saved = os.environ.get("EFFATTN_CPU_ISA")
-    try:
-        for i, name in enumerate(ISA_NAMES[:best + 1]):
-            os.environ["EFFATTN_CPU_ISA"] = name  # read by the kernel on every call
-            t = fwd_and_fwdbwd(eff, q, k, v, dout, iters)
-            rows.append(dict(isa=name, shape=list(shape), fwd_ms=t[0], fwdbwd_ms=t[1]))
-            log(f"isa {name}: fwd {t[0]:.1f} ms, fwd+bwd {t[1]:.1f} ms")
-    finally:
-        if saved is None:
-            os.environ.pop("EFFATTN_CPU_ISA", None)
-        else:
-            os.environ["EFFATTN_CPU_ISA"] = saved
+    for name in names:
+        rows.append(dict(isa=name, shape=list(shape), fwd_ms=t[name][0], fwdbwd_ms=t[name][1]))
+        log(f"isa {name}: fwd {t[name][0]:.1f} ms, fwd+bwd {t[name][1]:.1f} ms")
     return rows
 
 
@@ -271,7 +302,7 @@ def markdown(res):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run, not a timing")
-    ap.add_argument("--iters", type=int, default=5, help="timed runs per measurement (median)")
+    ap.add_argument("--iters", type=int, default=7, help="timed runs per measurement (median)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/cpu-speed[-quick].json)")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)

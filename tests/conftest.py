@@ -121,7 +121,8 @@ def cpu_isa_runs_here(name):
         torch.ops.effattn.cpu_isa()
         return True, ""
     except RuntimeError as exc:
-        return False, str(exc).splitlines()[0]
+        msg = str(exc).splitlines()[0]
+        return False, msg[msg.find("effattn (cpu)"):]  # without the C++ source location
     finally:
         if saved is None:
             os.environ.pop("EFFATTN_CPU_ISA", None)
