@@ -24,6 +24,7 @@ Times: medians of --iters runs after one warm-up, the methods of a row timed
 round-robin. Writes JSON and a markdown table under bench/results/.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -225,24 +226,36 @@ def isa_variants(shape, iters, log):
     q, k, v, dout = inputs(B, H, L, E, torch.float32)
     names = ISA_NAMES[:min(torch.ops.effattn.cpu_isa(), 2) + 1]
 
-    def variant(name):  # the kernel reads EFFATTN_CPU_ISA on every call
-        def call(*a):
-            saved = os.environ.get("EFFATTN_CPU_ISA")
-            os.environ["EFFATTN_CPU_ISA"] = name
-            try:
-                return eff(*a)
-            finally:
-                if saved is None:
-                    os.environ.pop("EFFATTN_CPU_ISA", None)
-                else:
-                    os.environ["EFFATTN_CPU_ISA"] = saved
-        return call
+    @contextlib.contextmanager
+    def variant(name):  # the kernel reads EFFATTN_CPU_ISA on every call, backward included
+        saved = os.environ.get("EFFATTN_CPU_ISA")
+        os.environ["EFFATTN_CPU_ISA"] = name
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("EFFATTN_CPU_ISA", None)
+            else:
+                os.environ["EFFATTN_CPU_ISA"] = saved
 
-    t = fwd_and_fwdbwd({n: variant(n) for n in names}, q, k, v, dout, iters)
+    def fwd(name):
+        def run():
+            with variant(name), torch.no_grad():
+                eff(q, k, v)
+        return run
+
+    def both(name):
+        def run():
+            with variant(name):
+                torch.autograd.grad(eff(q, k, v), (q, k, v), dout)
+        return run
+
+    t_fwd = medians_ms({n: fwd(n) for n in names}, iters)
+    t_all = medians_ms({n: both(n) for n in names}, iters)
     rows = []
     for name in names:
-        rows.append(dict(isa=name, shape=list(shape), fwd_ms=t[name][0], fwdbwd_ms=t[name][1]))
-        log(f"isa {name}: fwd {t[name][0]:.1f} ms, fwd+bwd {t[name][1]:.1f} ms")
+        rows.append(dict(isa=name, shape=list(shape), fwd_ms=t_fwd[name], fwdbwd_ms=t_all[name]))
+        log(f"isa {name}: fwd {t_fwd[name]:.1f} ms, fwd+bwd {t_all[name]:.1f} ms")
     return rows
 
 

@@ -191,13 +191,14 @@ template <typename scalar_t, typename acc_t>
 void attention_fwd(const FwdParams& p) {
   const int64_t m_blocks = (p.seqlen_q + kFwdBlockM - 1) / kFwdBlockM;
   const int64_t heads = p.batch * p.heads_q;
-  // Items go out dynamically (parallel_items), the last query block of
-  // every head first: under causal or window masks a block's cost grows
-  // with its index, and handing out the largest first balances the tail.
+  // Items go out dynamically (parallel_items), head by head so that the
+  // threads share one head's K and V in cache, each head's query blocks from
+  // the last: under causal or window masks a block's cost grows with its
+  // index, so the cheapest items come last and even out the tail.
   parallel_items(
       heads * m_blocks, [&] { return std::make_unique<FwdTile<scalar_t, acc_t>>(p); },
       [&](FwdTile<scalar_t, acc_t>& tile, int64_t it) {
-        const int64_t m_block = m_blocks - 1 - it / heads, bh = it % heads;
+        const int64_t m_block = m_blocks - 1 - it % m_blocks, bh = it / m_blocks;
         tile.run(bh / p.heads_q, bh % p.heads_q, m_block);
       });
 }

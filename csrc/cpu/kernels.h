@@ -26,8 +26,8 @@ const char* isa_name(Isa isa);
 // comments of attention_fwd.h and attention_bwd.h).
 constexpr int64_t kFwdBlockM = 128;  // forward: query rows per work item
 constexpr int64_t kFwdBlockN = 128;  // forward: keys per tile
-constexpr int64_t kBwdBlockM = 64;    // backward: query rows per inner tile
-constexpr int64_t kBwdBlockN = 64;    // backward: keys owned per tile
+constexpr int64_t kBwdBlockM = 64;   // backward: query rows per inner tile
+constexpr int64_t kBwdBlockN = 64;   // backward: keys owned per tile
 
 // Row padding of every tile, in elements: a multiple of the widest vector
 // (16 floats = 64 bytes = one cache line) whatever the variant, so GEMM and
