@@ -107,39 +107,61 @@ inline void store_tile(const acc_t* src, int64_t ld, int64_t rows, int64_t cols,
   }
 }
 
+// One row of the dense mask (N keys from element offset off) as additive
+// terms (-inf where a bool mask is False) into out[c * out_cs]; returns
+// whether any is not -inf.
+template <typename acc_t, typename scalar_t>
+inline bool load_mask_row(const FwdParams& p, int64_t off, int64_t N, acc_t* out, int64_t out_cs) {
+  const int64_t cs = p.mask_col_stride;
+  switch (p.mask_kind) {
+    case MaskKind::kBool: {
+      const bool* m = static_cast<const bool*>(p.mask) + off;
+      for (int64_t c = 0; c < N; ++c) out[c * out_cs] = m[c * cs] ? acc_t(0) : neg_inf<acc_t>();
+      break;
+    }
+    case MaskKind::kSameAsQ: {
+      const scalar_t* m = static_cast<const scalar_t*>(p.mask) + off;
+      for (int64_t c = 0; c < N; ++c) out[c * out_cs] = to_acc<acc_t>(m[c * cs]);
+      break;
+    }
+    default: {  // kFloat32
+      const float* m = static_cast<const float*>(p.mask) + off;
+      for (int64_t c = 0; c < N; ++c) out[c * out_cs] = static_cast<acc_t>(m[c * cs]);
+      break;
+    }
+  }
+  bool any = false;
+  for (int64_t c = 0; c < N; ++c) any |= out[c * out_cs] != neg_inf<acc_t>();
+  return any;
+}
+
 // Reads the dense-mask tile for query rows [i0, i0+M) x keys [j0, j0+N) of
-// (b, h) as an additive term (-inf where a bool mask is False) into
-// bias[r * out_rs + c * out_cs] (out_cs = 1: row-major; out_rs = 1: the
-// transposed, key-major tile). Returns false when every entry is -inf: the
-// whole tile is excluded.
+// (b, h) as additive terms into bias[r * out_rs + c * out_cs] (out_cs = 1:
+// row-major; out_rs = 1: the transposed, key-major tile). Returns false when
+// every entry is -inf: the whole tile is excluded. A mask that broadcasts
+// over queries (row stride 0, e.g. SDPA's (B, 1, 1, S) key-padding mask) is
+// read once per tile and copied to the other rows.
 template <typename acc_t, typename scalar_t>
 inline bool load_mask_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t M,
                            int64_t j0, int64_t N, acc_t* bias, int64_t out_rs, int64_t out_cs) {
-  const int64_t cs = p.mask_col_stride;
-  bool any = false;
-  for (int64_t r = 0; r < M; ++r) {
-    const int64_t off = b * p.mask_batch_stride + h * p.mask_head_stride +
-                        (i0 + r) * p.mask_row_stride + j0 * cs;
-    acc_t* out = bias + r * out_rs;
-    switch (p.mask_kind) {
-      case MaskKind::kBool: {
-        const bool* m = static_cast<const bool*>(p.mask) + off;
-        for (int64_t c = 0; c < N; ++c) out[c * out_cs] = m[c * cs] ? acc_t(0) : neg_inf<acc_t>();
-        break;
-      }
-      case MaskKind::kSameAsQ: {
-        const scalar_t* m = static_cast<const scalar_t*>(p.mask) + off;
-        for (int64_t c = 0; c < N; ++c)
-          out[c * out_cs] = to_acc<acc_t>(m[c * cs]);
-        break;
-      }
-      default: {  // kFloat32
-        const float* m = static_cast<const float*>(p.mask) + off;
-        for (int64_t c = 0; c < N; ++c) out[c * out_cs] = static_cast<acc_t>(m[c * cs]);
-        break;
+  const int64_t base = b * p.mask_batch_stride + h * p.mask_head_stride + j0 * p.mask_col_stride;
+  if (p.mask_row_stride != 0) {
+    bool any = false;
+    for (int64_t r = 0; r < M; ++r)
+      any |= load_mask_row<acc_t, scalar_t>(p, base + (i0 + r) * p.mask_row_stride, N,
+                                             bias + r * out_rs, out_cs);
+    return any;
+  }
+  const bool any = load_mask_row<acc_t, scalar_t>(p, base, N, bias, out_cs);
+  if (any) {
+    if (out_cs == 1) {
+      for (int64_t r = 1; r < M; ++r) std::memcpy(bias + r * out_rs, bias, sizeof(acc_t) * N);
+    } else {
+      for (int64_t c = 0; c < N; ++c) {
+        acc_t* col = bias + c * out_cs;
+        for (int64_t r = 1; r < M; ++r) col[r * out_rs] = col[0];
       }
     }
-    for (int64_t c = 0; c < N; ++c) any |= out[c * out_cs] != neg_inf<acc_t>();
   }
   return any;
 }
