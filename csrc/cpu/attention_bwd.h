@@ -155,7 +155,7 @@ struct BwdTile {
       }
       const int64_t lo = rb.begin(i0 + r) - j0, hi = rb.end(i0 + r) - j0;
       acc_t mul = scale2;
-      if (needs_finish(bias_tile != nullptr, p.scale, lo, hi, Nv)) {
+      if (needs_finish(bias_tile != nullptr, lo, hi, Nv)) {
         finish_score_row(srow, bias_tile ? bias_tile + r * BN : nullptr, N, Nv, scale2, lo, hi);
         mul = acc_t(1);
       }

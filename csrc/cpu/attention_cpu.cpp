@@ -32,7 +32,7 @@ namespace {
 // The widest variant this CPU (and its OS, which must save the wider
 // registers: __builtin_cpu_supports checks that too) can run.
 Isa best_isa() {
-#if defined(__x86_64__)
+#if EFFATTN_X86_VARIANTS
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
@@ -70,7 +70,7 @@ Isa selected_isa() {
 
 void run_fwd(ScalarType dtype, const FwdParams& p) {
   switch (selected_isa()) {
-#if defined(__x86_64__)
+#if EFFATTN_X86_VARIANTS
     case Isa::kAvx512: avx512::attention_fwd(dtype, p); break;
     case Isa::kAvx2: avx2::attention_fwd(dtype, p); break;
     case Isa::kAvx2Wide: avx2_wide::attention_fwd(dtype, p); break;
@@ -81,7 +81,7 @@ void run_fwd(ScalarType dtype, const FwdParams& p) {
 
 void run_bwd(ScalarType dtype, const BwdParams& p) {
   switch (selected_isa()) {
-#if defined(__x86_64__)
+#if EFFATTN_X86_VARIANTS
     case Isa::kAvx512: avx512::attention_bwd(dtype, p); break;
     case Isa::kAvx2: avx2::attention_bwd(dtype, p); break;
     case Isa::kAvx2Wide: avx2_wide::attention_bwd(dtype, p); break;

@@ -102,33 +102,17 @@ struct FwdTile {
             continue;  // the mask excludes the whole tile
           bias_tile = bias.data();
         }
-        const acc_t* kp;
-        int64_t k_ld;
-        if constexpr (kReadKInPlace) {
-          kp = reinterpret_cast<const acc_t*>(K + j0 * p.k_strides.row);
-          k_ld = p.k_strides.row;
-        } else {
-          load_tile(K + j0 * p.k_strides.row, p.k_strides.row, N, E, k.data(), E);
-          kp = k.data();
-          k_ld = E;
-        }
-        const acc_t* vp;
-        int64_t v_ld;
-        if (v_in_place) {
-          vp = reinterpret_cast<const acc_t*>(V + j0 * p.v_strides.row);
-          v_ld = p.v_strides.row;
-        } else {
-          load_tile(V + j0 * p.v_strides.row, p.v_strides.row, N, Ev, v.data(), Evp);
-          vp = v.data();
-          v_ld = Evp;
-        }
+        const Operand<acc_t> k_op = tile_operand(K + j0 * p.k_strides.row, p.k_strides.row, N,
+                                                 E, kReadKInPlace, k.data(), E);
+        const Operand<acc_t> v_op = tile_operand(V + j0 * p.v_strides.row, p.v_strides.row, N,
+                                                 Ev, v_in_place, v.data(), Evp);
         // S^T = K Q^T
-        gemm<acc_t, false>(N, Mv, E, kp, k_ld, 1, qt.data(), BM, st.data(), BM);
+        gemm<acc_t, false>(N, Mv, E, k_op.ptr, k_op.ld, 1, qt.data(), BM, st.data(), BM);
         finish_tile(i0, M, Mv, j0, N, bias_tile);
         softmax_step(M, Mv, N);
         // acc += P V, with P = (P^T)^T read through strides
-        gemm<acc_t, true>(M, round_up_lanes<acc_t>(Ev), N, st.data(), 1, BM, vp, v_ld, acc.data(),
-                          Evp);
+        gemm<acc_t, true>(M, round_up_lanes<acc_t>(Ev), N, st.data(), 1, BM, v_op.ptr, v_op.ld,
+                          acc.data(), Evp);
       }
     }
     // Epilogue: normalise and write; rows without any visible key -> 0, -inf.

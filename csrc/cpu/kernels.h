@@ -10,6 +10,14 @@
 
 #include "../params.h"
 
+// The AVX2 and AVX-512 variants are compiled with GCC's `#pragma GCC target`
+// (kernels_isa.h); other compilers and architectures build the baseline only.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EFFATTN_X86_VARIANTS 1
+#else
+#define EFFATTN_X86_VARIANTS 0
+#endif
+
 namespace effattn {
 namespace cpu {
 

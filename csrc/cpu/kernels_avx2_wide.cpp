@@ -4,7 +4,8 @@
 // selects it so that the 16-lane code paths (tile padding, GEMM panels,
 // softmax lanes) are tested on CPUs without AVX-512, like the development
 // and CI machines.
-#if defined(__x86_64__)
+#include "kernels.h"
+#if EFFATTN_X86_VARIANTS
 #pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors without AVX-512: internal, inline only
 #define EFFATTN_ISA_NAMESPACE avx2_wide
 #define EFFATTN_SIMD_BYTES 64

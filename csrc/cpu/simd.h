@@ -68,21 +68,10 @@ inline V vmax(V a, V b) {
   return a > b ? a : b;
 }
 template <typename V>
-inline auto hmax(V v) {
-  auto m = v[0];
-  for (size_t l = 1; l < sizeof(V) / sizeof(m); ++l) m = m > v[l] ? m : v[l];
-  return m;
-}
-template <typename V>
 inline auto hsum(V v) {
   auto s = v[0];
   for (size_t l = 1; l < sizeof(V) / sizeof(s); ++l) s += v[l];
   return s;
-}
-
-template <typename V>
-inline V vmin(V a, V b) {
-  return a < b ? a : b;
 }
 
 // The softmax works in base 2: scores are multiplied by scale * log2(e) (one
@@ -122,8 +111,6 @@ inline Vec<double> vexp2(Vec<double> x) {
   for (int64_t l = 0; l < kLanes<double>; ++l) x[l] = std::exp2(x[l]);
   return x;
 }
-inline float sexp2(float x) { return vexp2(vbroadcast(x))[0]; }
-inline double sexp2(double x) { return std::exp2(x); }
 
 // ---------------------------------------------------------------------------
 // Conversion of one row of input elements to the accumulator type.

@@ -73,6 +73,23 @@ inline void load_tile(const scalar_t* src, int64_t row_stride, int64_t rows, int
   for (int64_t r = 0; r < rows; ++r) convert_row(src + r * row_stride, cols, dst + r * ld);
 }
 
+// A tile as a GEMM operand: rows of ptr, ld elements apart.
+template <typename acc_t>
+struct Operand {
+  const acc_t* ptr;
+  int64_t ld;
+};
+
+// rows x cols of src as an operand: the input rows themselves when in_place
+// (only valid when scalar_t is acc_t), else converted into buf (row length ld).
+template <typename acc_t, typename scalar_t>
+inline Operand<acc_t> tile_operand(const scalar_t* src, int64_t row_stride, int64_t rows,
+                                   int64_t cols, bool in_place, acc_t* buf, int64_t ld) {
+  if (in_place) return {reinterpret_cast<const acc_t*>(src), row_stride};
+  load_tile(src, row_stride, rows, cols, buf, ld);
+  return {buf, ld};
+}
+
 // dst[c * ld + r] = src[r * row_stride + c]: rows become columns (K -> K^T).
 // Converted row by row into `row` (cols elements), then scattered in blocks
 // of 8 rows so every store of the scatter writes 8 consecutive elements.
@@ -169,12 +186,11 @@ inline bool load_mask_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0,
 // Scores are kept in base 2 (simd.h): a row's raw dot products s become
 // s * scale2 + bias * log2(e), scale2 = scale * log2(e).
 //
-// Whether a row needs finish_score_row before its softmax: when a mask or
-// the band cuts into the tile (or scale <= 0, where the raw maximum is not the
-// scaled one). Otherwise the scaling is folded into the exp's argument
-// (exp2_shift_sum with mul = scale2), saving a pass over the row.
-inline bool needs_finish(bool has_bias, double scale, int64_t lo, int64_t hi, int64_t Nv) {
-  return has_bias || scale <= 0 || lo > 0 || hi < Nv;
+// Whether a row of the backward needs finish_score_row before its exp: when
+// a mask or the band cuts into the tile. Otherwise the scaling is folded into
+// the exp's argument (exp2_shift_sum with mul = scale2), saving a pass.
+inline bool needs_finish(bool has_bias, int64_t lo, int64_t hi, int64_t Nv) {
+  return has_bias || lo > 0 || hi < Nv;
 }
 
 // One row of scores: s = scale2 * s (+ log2(e) * bias), then -inf outside
@@ -195,15 +211,6 @@ inline void finish_score_row(acc_t* s, const acc_t* bias, int64_t N, int64_t Nv,
   lo = std::min(lo, hi);
   for (int64_t c = 0; c < lo; ++c) s[c] = neg_inf<acc_t>();
   for (int64_t c = hi; c < Nv; ++c) s[c] = neg_inf<acc_t>();
-}
-
-// max over Nv (whole vectors) elements
-template <typename acc_t>
-inline acc_t row_max(const acc_t* s, int64_t Nv) {
-  constexpr int64_t W = kLanes<acc_t>;
-  Vec<acc_t> m = vbroadcast(neg_inf<acc_t>());
-  for (int64_t c = 0; c < Nv; c += W) m = vmax(m, vload(s + c));
-  return hmax(m);
 }
 
 // s[c] = exp2(s[c] * mul - shift) over Nv elements; returns their sum.
