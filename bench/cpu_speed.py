@@ -259,6 +259,13 @@ def isa_variants(shape, iters, log):
     return rows
 
 
+def matmul_peak_gflops(n, iters):
+    """float32 torch.mm rate, the practical peak the attention GEMMs run against."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    ms = medians_ms({"mm": lambda: a @ b}, iters)["mm"]
+    return 2 * n ** 3 / ms / 1e6
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
@@ -272,14 +279,19 @@ def cpu_model():
 
 def markdown(res):
     m = res["machine"]
-    out = [f"CPU: {m['cpu']}, {m['threads']} threads, kernel variant `{m['isa']}` | torch {m['torch']} | "
-           f"effattn {m['effattn']} | {m['date']} | `{m['command']}`", ""]
+    peak = m["matmul_gflops"]
+    out = [f"CPU: {m['cpu']}, {m['threads']} threads, kernel variant `{m['isa']}`, float32 torch.mm "
+           f"{peak:.0f} GFLOP/s | torch {m['torch']} | effattn {m['effattn']} | {m['date']} | "
+           f"`{m['command']}`", ""]
     out += ["| (B, H, L, E) | dtype | effattn fwd ms | SDPA fwd ms | ratio | effattn fwd+bwd ms | "
-            "SDPA fwd+bwd ms | ratio |", "|---|---|---|---|---|---|---|---|"]
+            "SDPA fwd+bwd ms | ratio | effattn GFLOP/s fwd, fwd+bwd (of mm) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in res["headline"]:
         out.append(f"| {tuple(r['shape'])} | {r['dtype']} | {r['effattn_fwd_ms']:.1f} | {r['sdpa_fwd_ms']:.1f} | "
                    f"**{r['ratio_fwd']:.2f}** | {r['effattn_fwdbwd_ms']:.1f} | {r['sdpa_fwdbwd_ms']:.1f} | "
-                   f"**{r['ratio_fwdbwd']:.2f}** |")
+                   f"**{r['ratio_fwdbwd']:.2f}** | {r['effattn_fwd_gflops']:.0f} "
+                   f"({r['effattn_fwd_gflops'] / peak:.0%}), {r['effattn_fwdbwd_gflops']:.0f} "
+                   f"({r['effattn_fwdbwd_gflops'] / peak:.0%}) |")
     c = res["causal"]
     out += ["", "| causal, (B, H, L, E) = " + str(tuple(c["shape"])) + " float32 | fwd ms | fwd+bwd ms |",
             "|---|---|---|",
@@ -334,8 +346,9 @@ def main(argv=None):
         torch=torch.__version__, effattn=effattn.__version__, python=platform.python_version(),
         date=datetime.date.today().isoformat(),
         command="python3 bench/cpu_speed.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()))
+    res["machine"]["matmul_gflops"] = matmul_peak_gflops(256 if q else 2048, iters)
     log(f"{res['machine']['cpu']}, {res['machine']['threads']} threads, variant {res['machine']['isa']}, "
-        f"torch {torch.__version__}")
+        f"torch {torch.__version__}, float32 matmul {res['machine']['matmul_gflops']:.0f} GFLOP/s")
     res["headline"] = headline([(2, 2, 96, 64)] if q else [(8, 8, 800, 64), (1, 8, 4096, 64)], iters, log)
     res["causal"] = causal((1, 2, 256, 64) if q else (1, 8, 4096, 64), iters, log)
     res["padded"] = padded((2, 2, 256, 64) if q else (2, 8, 4096, 64), iters, log)
