@@ -83,7 +83,7 @@ def check_against_oracle(q, k, v, backend, grads=True, **kw):
 
     assert out.dtype == dtype and out.shape == out_ref.shape
     assert torch.isfinite(out).all(), "non-finite output"
-    _assert_bound("out", out, out_pt, out_ref, dtype)
+    assert_bound("out", out, out_pt, out_ref, dtype)
     if not grads:
         return out
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -92,11 +92,11 @@ def check_against_oracle(q, k, v, backend, grads=True, **kw):
     out.backward(g)
     for name, t, tp, t64 in (("dq", q, qp, q64), ("dk", k, kp, k64), ("dv", v, vp, v64)):
         assert t.grad is not None and torch.isfinite(t.grad).all(), f"{name}: missing or non-finite"
-        _assert_bound(name, t.grad, tp.grad, t64.grad, dtype)
+        assert_bound(name, t.grad, tp.grad, t64.grad, dtype)
     return out
 
 
-def _assert_bound(name, got, same_precision, oracle, dtype):
+def assert_bound(name, got, same_precision, oracle, dtype):
     err = (got.double() - oracle).abs().max().item() if got.numel() else 0.0
     err_pt = (same_precision.double() - oracle).abs().max().item() if got.numel() else 0.0
     scale = max(1.0, oracle.abs().max().item()) if got.numel() else 1.0
@@ -149,3 +149,14 @@ def cpu_isa(request, monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def largest_allocation(fn):
+    """Largest single CPU allocation (bytes) made while fn runs, per the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # every tensor allocation ends in one of these leaf ops; others aggregate their children
+    leaves = ("aten::empty", "aten::empty_strided")
+    sizes = [e.cpu_memory_usage for e in prof.events() if e.name in leaves and e.cpu_memory_usage > 0]
+    assert sizes, "the profiler saw no allocation at all"
+    return max(sizes, default=0)

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import effattn
-from conftest import _assert_bound
-from test_ops import _largest_allocation
+from conftest import assert_bound, largest_allocation
 
 E, H = 32, 4
 
@@ -106,14 +105,14 @@ def test_mha_matches_torch(case, dtype):
     out_pt, _, xs_pt = run(ref, dtype)
     out, weights, xs = run(ours, dtype)
     assert weights is None and out.dtype == dtype and out.shape == out64.shape
-    _assert_bound("out", out, out_pt, out64, dtype)
+    assert_bound("out", out, out_pt, out64, dtype)
     for name, a, b, c in zip("qkv", xs, xs_pt, xs64):
-        _assert_bound(f"d{name}", a.grad, b.grad, c.grad, dtype)
+        assert_bound(f"d{name}", a.grad, b.grad, c.grad, dtype)
     grads64 = dict((n, p.grad) for n, p in ref64.named_parameters())
     grads_pt = dict((n, p.grad) for n, p in ref.named_parameters())
     for name, p in ours.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        _assert_bound(name, p.grad, grads_pt[name], grads64[name], dtype)
+        assert_bound(name, p.grad, grads_pt[name], grads64[name], dtype)
 
 
 def test_mha_state_dict_names_match_torch():
@@ -149,7 +148,7 @@ def test_mha_padding_mask_allocates_no_seq_by_seq_matrix():
         out, _ = ours(q, q, q, key_padding_mask=pad)
         out.sum().backward()
 
-    assert _largest_allocation(step) < L * L * 4 // 4
+    assert largest_allocation(step) < L * L * 4 // 4
 
 
 @pytest.mark.parametrize("call, exc, match", [

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import effattn
-from conftest import make_qkv
+from conftest import largest_allocation, make_qkv
 
 
 def _op_args(B=2, Hq=4, Hkv=2, L=19, S=23, E=8, Ev=8, dtype=torch.float64, mask=None, lengths=False,
@@ -129,17 +129,6 @@ def test_auto_picks_the_cpu_kernel(monkeypatch):
     assert len(calls) == 1
 
 
-def _largest_allocation(fn):
-    """Largest single CPU allocation (bytes) made while fn runs, per the profiler."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # every tensor allocation ends in one of these leaf ops; others aggregate their children
-    leaves = ("aten::empty", "aten::empty_strided")
-    sizes = [e.cpu_memory_usage for e in prof.events() if e.name in leaves and e.cpu_memory_usage > 0]
-    assert sizes, "the profiler saw no allocation at all"
-    return max(sizes, default=0)
-
-
 @pytest.mark.parametrize("opts", [dict(), dict(is_causal=True), dict(key_lengths=torch.tensor([1000, 300])),
                                   dict(window=(16, 16)), dict(attn_mask="key_padding"),
                                   dict(enable_gqa=True)])
@@ -155,9 +144,9 @@ def test_no_seq_by_seq_allocation(opts):
         out.backward(torch.ones_like(out))
 
     one_score_matrix = L * S * 4  # a single (L, S) float32 matrix; naive math allocates B*H of these
-    biggest = _largest_allocation(step)
+    biggest = largest_allocation(step)
     io = B * Hq * L * E * 4
     assert biggest <= max(io * 2, one_score_matrix // 4), (biggest, one_score_matrix)
     # and the check can fail: the reference math does allocate (B, H, L, S)
-    ref_biggest = _largest_allocation(lambda: effattn.attention(q, k, v, backend="reference", **opts))
+    ref_biggest = largest_allocation(lambda: effattn.attention(q, k, v, backend="reference", **opts))
     assert ref_biggest >= one_score_matrix
