@@ -258,3 +258,28 @@ def test_autocast_runs_in_the_autocast_dtype_like_sdpa(backend):
     assert ours.dtype == theirs.dtype == torch.bfloat16
     assert ours64.dtype == torch.float64
     torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_inputs_give_nan_not_zeros(backend, dtype, where):
+    """A NaN in an input reaches the outputs that depend on it and never turns
+    into a finite answer (that would hide the bug upstream); a NaN key stays
+    out of the rows that cannot see it."""
+    B, H, L, E, i = 2, 2, 150, 16, 97  # L > one tile; the NaN sits in row/key i of (batch 0, head 1)
+    q, k, v = make_qkv(B=B, Hq=H, L=L, S=L, E=E, dtype=dtype, requires_grad=False)
+    {"q": q, "k": k, "v": v}[where][0, 1, i, 3] = float("nan")
+    for causal in (False, True):
+        nan_rows = effattn.attention(q, k, v, is_causal=causal, backend=backend).isnan().any(-1)
+        want = torch.zeros(B, H, L, dtype=torch.bool)
+        if where == "q":
+            want[0, 1, i] = True
+        else:  # every row that sees key i
+            want[0, 1, i if causal else 0:] = True
+        if where == "v" and causal:
+            # masked probabilities are exact zeros, and 0 * NaN is NaN: rows sharing a tile with
+            # the poisoned value may turn NaN too (so does SDPA's math). The NaN is never lost.
+            assert nan_rows[want].all(), f"causal={causal}: a row that sees the NaN is finite"
+        else:
+            assert torch.equal(nan_rows, want), f"causal={causal}: rows {nan_rows.nonzero().tolist()[:5]}..."

@@ -89,7 +89,7 @@ constexpr double kLn2 = 0.69314718055994530942;
 // minus their running max or their log-sum-exp), so there is no upper clamp.
 inline Vec<float> vexp2(Vec<float> x) {
   typedef uint32_t U __attribute__((vector_size(EFFATTN_SIMD_BYTES)));
-  x = vmax(x, vbroadcast(-127.0f));
+  x = vmax(vbroadcast(-127.0f), x);  // this order keeps a NaN (NaN > -127 is false): NaN in, NaN out
   const Vec<float> magic = vbroadcast(12582912.0f);  // 1.5 * 2^23: t's low mantissa bits hold round(x)
   const Vec<float> t = x + magic;
   const Vec<float> r = x - (t - magic);
