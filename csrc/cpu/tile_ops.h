@@ -2,9 +2,9 @@
 // ISA; included inside the per-ISA namespace after simd.h and gemm.h).
 //
 // Tiles are row-major in the accumulator type acc_t (float, or double for
-// float64 inputs), their rows padded to kColAlign elements (kernels.h) so that every GEMM
-// and softmax loop runs over whole vectors. Inputs are converted once per
-// tile (bf16/fp16 -> float32).
+// float64 inputs), their rows padded to kColAlign elements (kernels.h) so
+// that every GEMM and softmax loop runs over whole vectors. Inputs are
+// converted once per tile (bf16/fp16 -> float32).
 
 template <typename T>
 inline int64_t round_up_lanes(int64_t n) {
