@@ -159,7 +159,7 @@ struct BwdTile {
         finish_score_row(srow, bias_tile ? bias_tile + r * BN : nullptr, N, Nv, scale2, lo, hi);
         mul = acc_t(1);
       }
-      exp2_shift_sum(srow, Nv, mul, lse[r] * static_cast<acc_t>(kLog2e));
+      exp2_shift(srow, Nv, mul, lse[r] * static_cast<acc_t>(kLog2e));
     }
     // dV += P^T dO
     gemm<acc_t, true>(N, round_up_lanes<acc_t>(Ev), M, s.data(), 1, BN, dO.data(), Evp,

@@ -1,6 +1,7 @@
 // Body of one per-ISA kernel file (kernels_<isa>.cpp). Before including it,
 // that file defines
-//   EFFATTN_ISA_NAMESPACE  the namespace of the variant (baseline, avx2, avx512)
+//   EFFATTN_ISA_NAMESPACE  the namespace of the variant (baseline, avx2, avx512,
+//                          avx2_wide)
 //   EFFATTN_SIMD_BYTES     its vector width in bytes (16, 32, 64)
 //   EFFATTN_ISA_TARGET     (optional) a GCC target string, e.g. "avx2,fma,f16c"
 //

@@ -21,12 +21,10 @@ struct SimdOf;
 template <>
 struct SimdOf<float> {
   typedef float V __attribute__((vector_size(EFFATTN_SIMD_BYTES)));
-  typedef int32_t I __attribute__((vector_size(EFFATTN_SIMD_BYTES)));
 };
 template <>
 struct SimdOf<double> {
   typedef double V __attribute__((vector_size(EFFATTN_SIMD_BYTES)));
-  typedef int64_t I __attribute__((vector_size(EFFATTN_SIMD_BYTES)));
 };
 
 template <typename T>
@@ -61,17 +59,11 @@ inline T madd(T a, T b, T c) {
   return (vbroadcast(a) * vbroadcast(b) + vbroadcast(c))[0];
 }
 
-// (Templates on the vector type itself: the element type of Vec<T> cannot be
-// deduced from an argument.)
+// (A template on the vector type itself: the element type of Vec<T> cannot
+// be deduced from an argument.)
 template <typename V>
 inline V vmax(V a, V b) {
   return a > b ? a : b;
-}
-template <typename V>
-inline auto hsum(V v) {
-  auto s = v[0];
-  for (size_t l = 1; l < sizeof(V) / sizeof(s); ++l) s += v[l];
-  return s;
 }
 
 // The softmax works in base 2: scores are multiplied by scale * log2(e) (one

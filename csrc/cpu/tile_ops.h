@@ -91,8 +91,8 @@ inline Operand<acc_t> tile_operand(const scalar_t* src, int64_t row_stride, int6
 }
 
 // dst[c * ld + r] = src[r * row_stride + c]: rows become columns (K -> K^T).
-// Converted row by row into `row` (cols elements), then scattered in blocks
-// of 8 rows so every store of the scatter writes 8 consecutive elements.
+// Converted 8 rows at a time into row_buf (8 x cols elements), then scattered
+// so that each store run writes 8 consecutive elements of a column.
 template <typename acc_t, typename scalar_t>
 inline void load_tile_transposed(const scalar_t* src, int64_t row_stride, int64_t rows,
                                  int64_t cols, acc_t* dst, int64_t ld, acc_t* row_buf) {
@@ -188,7 +188,7 @@ inline bool load_mask_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0,
 //
 // Whether a row of the backward needs finish_score_row before its exp: when
 // a mask or the band cuts into the tile. Otherwise the scaling is folded into
-// the exp's argument (exp2_shift_sum with mul = scale2), saving a pass.
+// the exp's argument (exp2_shift with mul = scale2), saving a pass.
 inline bool needs_finish(bool has_bias, int64_t lo, int64_t hi, int64_t Nv) {
   return has_bias || lo > 0 || hi < Nv;
 }
@@ -213,18 +213,12 @@ inline void finish_score_row(acc_t* s, const acc_t* bias, int64_t N, int64_t Nv,
   for (int64_t c = hi; c < Nv; ++c) s[c] = neg_inf<acc_t>();
 }
 
-// s[c] = exp2(s[c] * mul - shift) over Nv elements; returns their sum.
+// s[c] = exp2(s[c] * mul - shift) over Nv elements.
 template <typename acc_t>
-inline acc_t exp2_shift_sum(acc_t* s, int64_t Nv, acc_t mul, acc_t shift) {
+inline void exp2_shift(acc_t* s, int64_t Nv, acc_t mul, acc_t shift) {
   constexpr int64_t W = kLanes<acc_t>;
   const Vec<acc_t> vm = vbroadcast(mul), vsh = vbroadcast(shift);
-  Vec<acc_t> sum{};
-  for (int64_t c = 0; c < Nv; c += W) {
-    const Vec<acc_t> e = vexp2(vload(s + c) * vm - vsh);
-    vstore(s + c, e);
-    sum += e;
-  }
-  return hsum(sum);
+  for (int64_t c = 0; c < Nv; c += W) vstore(s + c, vexp2(vload(s + c) * vm - vsh));
 }
 
 // x[c] *= a over Nv elements
