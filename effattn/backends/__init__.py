@@ -19,10 +19,11 @@ from ..spec import AttentionSpec, make_spec
 from .base import Backend
 from .cpu import CpuBackend
 from .reference import ReferenceBackend
+from .triton import TritonBackend
 
-# Fastest first. GPU backends (Triton, CUDA) are inserted ahead of the
-# reference when they land.
-PRIORITY: List[Backend] = [CpuBackend(), ReferenceBackend()]
+# Fastest first for each device. The Triton backend takes CPU tensors only
+# under Triton's interpreter, and then after the CPU kernel.
+PRIORITY: List[Backend] = [CpuBackend(), TritonBackend(), ReferenceBackend()]
 BY_NAME: Dict[str, Backend] = {b.name: b for b in PRIORITY}
 
 

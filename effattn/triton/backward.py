@@ -1,0 +1,334 @@
+"""Triton backward: recompute P from the saved LSE, no (L, S) buffer, no atomics.
+
+Three kernels (FlashAttention-2's backward, with dQ in its own pass):
+
+1. ``bwd_preprocess_kernel``: per query row, delta = rowsum(dO * O) - dLSE
+   (dLSE: the gradient of the returned lse, if any) and lse2 = lse * log2 e,
+   +inf for rows that saw no key, so exp2(s - lse2) is exactly 0 there.
+   Both are (B, H, L) float32: the only scratch, O(L).
+2. ``bwd_dkdv_kernel``: one program per BLOCK_N keys of one (batch, kv head);
+   K and V stay in registers while it walks the query blocks (of every query
+   head of its GQA group) that can see them: P^T = exp2(K Q^T - lse2),
+   dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+   Each key's gradient is written once, so no accumulation buffer.
+3. ``bwd_dq_kernel``: one program per BLOCK_M queries, walking the key blocks
+   like the forward: dQ += dS K. With split keys (few query blocks, long S)
+   each split writes a float32 partial dQ that the host sums.
+
+This costs two more matmuls than an atomic dQ (recomputing S and dP in pass
+3) but needs no float32 dQ accumulator of size B*H*L*E, which is what lets
+an 8 GB GPU train at 0.9x the length its tensors alone allow.
+"""
+import triton
+import triton.language as tl
+
+from .tiles import block_ranges, clamp_length, load_mask, mma, structure_visible
+
+
+@triton.jit
+def bwd_preprocess_kernel(
+    # ---- pointers ----
+    O, DO, LSE, DLSE, DELTA, LSE2,
+    # ---- strides ----
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    # ---- sizes ----
+    H, L,
+    # ---- meta-parameters ----
+    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    ok = (offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V)
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :], mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    rows = bh.to(tl.int64) * L + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + rows, mask=offs_m < L, other=0.0)
+    lse = tl.load(LSE + rows, mask=offs_m < L, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    tl.store(DELTA + rows, delta, mask=offs_m < L)
+    tl.store(LSE2 + rows, lse2, mask=offs_m < L)
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, mask_base, start_m, offs_n,
+                offs_m0, offs_d, offs_dv, stride_qm, stride_dom, stride_mm, stride_mn, L, S,
+                key_len, query_len, qk_scale, window_left, window_right,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, STRUCTURE_MASK: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One query block against this program's keys; returns updated (dK, dV)."""
+    offs_m = start_m + offs_m0
+    row_ok = offs_m < L
+    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    lse2 = tl.load(lse2_base + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    # S^T (BLOCK_N, BLOCK_M): keys along rows, queries along columns
+    st = mma(k, tl.trans(q), tl.zeros((k.shape[0], q.shape[0]), tl.float32), UPCAST, PRECISION) * qk_scale
+    if MASK_KIND == 2:
+        st += load_mask(mask_base, offs_m[None, :], offs_n[:, None], stride_mm, stride_mn, L, S, MASK_KIND)
+    pt = tl.math.exp2(st - lse2[None, :])
+    if MASK_KIND == 1:
+        keep = load_mask(mask_base, offs_m[None, :], offs_n[:, None], stride_mm, stride_mn, L, S, MASK_KIND)
+        if STRUCTURE_MASK:
+            keep = keep & structure_visible(offs_m[None, :], offs_n[:, None], query_len, key_len,
+                                            window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        pt = tl.where(keep, pt, 0.0)
+    elif STRUCTURE_MASK:
+        keep = structure_visible(offs_m[None, :], offs_n[:, None], query_len, key_len,
+                                 window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        pt = tl.where(keep, pt, 0.0)
+    dv = mma(pt.to(do.dtype), do, dv, UPCAST, PRECISION)
+    dpt = mma(v, tl.trans(do), tl.zeros((k.shape[0], q.shape[0]), tl.float32), UPCAST, PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    dk = mma(dst.to(q.dtype), q, dk, UPCAST, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def bwd_dkdv_kernel(
+    # ---- pointers ----
+    Q, K, V, DO, LSE2, DELTA, DK, DV, MASK, KEY_LENGTHS, QUERY_LENGTHS,
+    # ---- strides, in elements ----
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    # ---- sizes ----
+    H, HKV, GROUP, L, S,
+    L_BUCKET, S_BUCKET,  # powers of two, only for the autotune key
+    # ---- semantics ----
+    scale, qk_scale, window_left, window_right,
+    # ---- meta-parameters ----
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
+    MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+
+    key_len = S
+    if HAS_KEY_LENGTHS:
+        key_len = clamp_length(KEY_LENGTHS, b, S)
+    query_len = L
+    if HAS_QUERY_LENGTHS:
+        query_len = clamp_length(QUERY_LENGTHS, b, L)
+
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    key_ok = offs_n < S
+
+    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+                + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+                mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+                + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :],
+                mask=key_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    dk = tl.zeros((BLOCK_N, HEAD_DIM_PAD), tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM_V_PAD), tl.float32)
+
+    # ---- the query blocks that can see these keys: i >= j - right, i <= j + left ----
+    row_last = tl.minimum(n0 + BLOCK_N, key_len) - 1
+    lo = 0
+    hi = query_len
+    if HAS_RIGHT:
+        lo = (tl.maximum(n0 - window_right, 0) // BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        hi = tl.minimum(hi, row_last + window_left + 1)
+    if row_last < n0:  # every key of the block is past key_lengths
+        hi = lo
+    a, c = block_ranges(n0, row_last, lo, hi, window_right, window_left, query_len,
+                        BLOCK_M, HAS_RIGHT, HAS_LEFT)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        lse2_base = LSE2 + bh.to(tl.int64) * L
+        delta_base = DELTA + bh.to(tl.int64) * L
+        mask_base = MASK
+        if MASK_KIND != 0:
+            mask_base = MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        # ---- near edge: masked ----
+        for start_m in range(lo, a, BLOCK_M):
+            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, mask_base, start_m,
+                                 offs_n, offs_m0, offs_d, offs_dv, stride_qm, stride_dom, stride_mm, stride_mn,
+                                 L, S, key_len, query_len, qk_scale, window_left, window_right,
+                                 HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, UPCAST, PRECISION)
+        # ---- interior: every pair visible by structure ----
+        for start_m in range(a, c, BLOCK_M):
+            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, mask_base, start_m,
+                                 offs_n, offs_m0, offs_d, offs_dv, stride_qm, stride_dom, stride_mm, stride_mn,
+                                 L, S, key_len, query_len, qk_scale, window_left, window_right,
+                                 HEAD_DIM, HEAD_DIM_V, False, HAS_LEFT, HAS_RIGHT, MASK_KIND, UPCAST, PRECISION)
+        # ---- far edge: masked ----
+        for start_m in range(c, hi, BLOCK_M):
+            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, mask_base, start_m,
+                                 offs_n, offs_m0, offs_d, offs_dv, stride_qm, stride_dom, stride_mm, stride_mn,
+                                 L, S, key_len, query_len, qk_scale, window_left, window_right,
+                                 HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, UPCAST, PRECISION)
+
+    # keys past key_lengths get exactly zero (interior blocks may have touched them)
+    live = (offs_n < key_len)[:, None]
+    dk = tl.where(live, dk * scale, 0.0)
+    dv = tl.where(live, dv, 0.0)
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+             + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+             + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+             mask=key_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
+              offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, L, S, key_len, query_len, qk_scale,
+              window_left, window_right,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, STRUCTURE_MASK: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block for this program's queries; returns the updated dQ."""
+    offs_n = start_n + offs_n0
+    key_ok = offs_n < S
+    kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
+                 mask=key_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+    vt = tl.load(v_base + offs_n[None, :].to(tl.int64) * stride_vn + offs_dv[:, None],
+                 mask=key_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+    s = mma(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, PRECISION) * qk_scale
+    if MASK_KIND == 2:
+        s += load_mask(mask_base, offs_m[:, None], offs_n[None, :], stride_mm, stride_mn, L, S, MASK_KIND)
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASK_KIND == 1:
+        keep = load_mask(mask_base, offs_m[:, None], offs_n[None, :], stride_mm, stride_mn, L, S, MASK_KIND)
+        if STRUCTURE_MASK:
+            keep = keep & structure_visible(offs_m[:, None], offs_n[None, :], query_len, key_len,
+                                            window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        p = tl.where(keep, p, 0.0)
+    elif STRUCTURE_MASK:
+        keep = structure_visible(offs_m[:, None], offs_n[None, :], query_len, key_len,
+                                 window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        p = tl.where(keep, p, 0.0)
+    dp = mma(do, vt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, PRECISION)
+    ds = p * (dp - delta[:, None])
+    return mma(ds.to(q.dtype), tl.trans(kt), dq, UPCAST, PRECISION)
+
+
+@triton.jit
+def bwd_dq_kernel(
+    # ---- pointers ----
+    Q, K, V, DO, LSE2, DELTA, DQ, MASK, KEY_LENGTHS, QUERY_LENGTHS,
+    # ---- strides, in elements ----
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqsplit,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    # ---- sizes ----
+    H, GROUP, L, S, KEYS_PER_SPLIT,
+    L_BUCKET, S_BUCKET,  # powers of two, only for the autotune key
+    # ---- semantics ----
+    scale, qk_scale, window_left, window_right,
+    # ---- meta-parameters ----
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
+    MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+
+    key_len = S
+    if HAS_KEY_LENGTHS:
+        key_len = clamp_length(KEY_LENGTHS, b, S)
+    query_len = L
+    if HAS_QUERY_LENGTHS:
+        query_len = clamp_length(QUERY_LENGTHS, b, L)
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    row_ok = offs_m < L
+
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    mask_base = MASK
+    if MASK_KIND != 0:
+        mask_base = MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+
+    row_last = tl.minimum(m0 + BLOCK_M, query_len) - 1
+    lo = split * KEYS_PER_SPLIT
+    hi = tl.minimum(lo + KEYS_PER_SPLIT, key_len)
+    if HAS_LEFT:
+        lo = tl.maximum(lo, (tl.maximum(m0 - window_left, 0) // BLOCK_N) * BLOCK_N)
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, row_last + window_right + 1)
+    if row_last < m0:
+        hi = lo
+    a, c = block_ranges(m0, row_last, lo, hi, window_left, window_right, key_len,
+                        BLOCK_N, HAS_LEFT, HAS_RIGHT)
+
+    dq = tl.zeros((BLOCK_M, HEAD_DIM_PAD), tl.float32)
+    if hi > lo:
+        q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                    + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+                    mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                     + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :],
+                     mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        lse2 = tl.load(LSE2 + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+        # ---- near edge: masked ----
+        for start_n in range(lo, a, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0,
+                           offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, L, S, key_len,
+                           query_len, qk_scale, window_left, window_right, HEAD_DIM, HEAD_DIM_V, True,
+                           HAS_LEFT, HAS_RIGHT, MASK_KIND, UPCAST, PRECISION)
+        # ---- interior: every pair visible by structure ----
+        for start_n in range(a, c, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0,
+                           offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, L, S, key_len,
+                           query_len, qk_scale, window_left, window_right, HEAD_DIM, HEAD_DIM_V, False,
+                           HAS_LEFT, HAS_RIGHT, MASK_KIND, UPCAST, PRECISION)
+        # ---- far edge: masked ----
+        for start_n in range(c, hi, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0,
+                           offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, L, S, key_len,
+                           query_len, qk_scale, window_left, window_right, HEAD_DIM, HEAD_DIM_V, True,
+                           HAS_LEFT, HAS_RIGHT, MASK_KIND, UPCAST, PRECISION)
+
+    dq = tl.where((offs_m < query_len)[:, None], dq * scale, 0.0)
+    tl.store(DQ + split.to(tl.int64) * stride_dqsplit + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+             + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

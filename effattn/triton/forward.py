@@ -1,0 +1,216 @@
+"""Triton forward: fused tiled attention with an online softmax.
+
+Algorithm (FlashAttention-2's forward): one program owns BLOCK_M query rows
+of one (batch, head) and, optionally, one split of the keys. Its Q tile stays
+in registers; it walks the key/value blocks its rows can see, computing
+S = Q K^T (fp32 accumulators), the running row max m and sum l of
+exp2(S * scale * log2 e - m), and acc = sum P V rescaled as m grows. It
+writes out = acc / l and the log-sum-exp once: no (L, S) buffer exists.
+
+Key blocks are visited in three runs (tiles.block_ranges): edge blocks that
+need the structure mask (window, lengths), then interior blocks that need
+none, then the far edge. The dense mask, when there is one, is read tile by
+tile through its strides in every block (any stride may be 0).
+
+Split keys (flash-decoding): with few query blocks (e.g. attention pooling or
+decoding, Lq <= 16) the grid alone cannot fill the GPU, so the keys are cut
+into NUM_SPLITS contiguous chunks, each program writes a normalised partial
+output and LSE in float32, and ``merge_splits`` combines them by their LSEs.
+
+Rows that see no key (all masked, past query_lengths) get out = 0, lse = -inf.
+"""
+import triton
+import triton.language as tl
+
+from .tiles import block_ranges, clamp_length, load_mask, mma, structure_visible
+
+
+@triton.jit
+def _fwd_block(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
+               offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, L, S, key_len, query_len,
+               qk_scale, near, far,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, STRUCTURE_MASK: tl.constexpr,
+               HAS_NEAR: tl.constexpr, HAS_FAR: tl.constexpr, MASK_KIND: tl.constexpr,
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of the online softmax; returns the updated (acc, m, l)."""
+    offs_n = start_n + offs_n0
+    # K^T tile (HEAD_DIM_PAD, BLOCK_N): keys past S read as zeros (and are masked)
+    kt_mask = offs_d[:, None] < HEAD_DIM
+    if STRUCTURE_MASK:
+        kt_mask = kt_mask & (offs_n[None, :] < S)
+    kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None], mask=kt_mask, other=0.0)
+    s = mma(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, PRECISION) * qk_scale
+    if MASK_KIND == 2:
+        s += load_mask(mask_base, offs_m[:, None], offs_n[None, :], stride_mm, stride_mn, L, S, MASK_KIND)
+    if MASK_KIND == 1:
+        keep = load_mask(mask_base, offs_m[:, None], offs_n[None, :], stride_mm, stride_mn, L, S, MASK_KIND)
+        if STRUCTURE_MASK:
+            keep = keep & structure_visible(offs_m[:, None], offs_n[None, :], query_len, key_len, near, far,
+                                            HAS_NEAR, HAS_FAR)
+        s = tl.where(keep, s, float("-inf"))
+    elif STRUCTURE_MASK:
+        keep = structure_visible(offs_m[:, None], offs_n[None, :], query_len, key_len, near, far,
+                                 HAS_NEAR, HAS_FAR)
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row with nothing visible yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_mask = offs_dv[None, :] < HEAD_DIM_V
+    if STRUCTURE_MASK:
+        v_mask = v_mask & (offs_n[:, None] < S)
+    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :], mask=v_mask, other=0.0)
+    acc = mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def attn_fwd_kernel(
+    # ---- pointers ----
+    Q, K, V, O, LSE, MASK, KEY_LENGTHS, QUERY_LENGTHS,
+    # ---- strides, in elements (the last dim has stride 1) ----
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om, stride_osplit,
+    stride_lsplit,  # LSE is (splits, B, H, L) contiguous
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    # ---- sizes ----
+    H, GROUP, L, S, KEYS_PER_SPLIT,
+    L_BUCKET, S_BUCKET,  # powers of two, only for the autotune key
+    # ---- semantics ----
+    qk_scale,  # softmax scale * log2(e)
+    window_left, window_right,
+    # ---- meta-parameters ----
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
+    MASK_KIND: tl.constexpr,  # 0 none, 1 bool (uint8), 2 additive float
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+
+    key_len = S
+    if HAS_KEY_LENGTHS:
+        key_len = clamp_length(KEY_LENGTHS, b, S)
+    query_len = L
+    if HAS_QUERY_LENGTHS:
+        query_len = clamp_length(QUERY_LENGTHS, b, L)
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    mask_base = MASK
+    if MASK_KIND != 0:
+        mask_base = MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+
+    # ---- the key blocks these rows can see, within this split ----
+    row_last = tl.minimum(m0 + BLOCK_M, query_len) - 1
+    lo = split * KEYS_PER_SPLIT
+    hi = tl.minimum(lo + KEYS_PER_SPLIT, key_len)
+    if HAS_LEFT:
+        lo = tl.maximum(lo, (tl.maximum(m0 - window_left, 0) // BLOCK_N) * BLOCK_N)
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, row_last + window_right + 1)
+    if row_last < m0:  # the whole block is past query_lengths
+        hi = lo
+    a, c = block_ranges(m0, row_last, lo, hi, window_left, window_right, key_len,
+                        BLOCK_N, HAS_LEFT, HAS_RIGHT)
+
+    acc = tl.zeros((BLOCK_M, HEAD_DIM_V_PAD), tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    if hi > lo:
+        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+                    mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        # ---- near edge: masked ----
+        for start_n in range(lo, a, BLOCK_N):
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m,
+                                       offs_n0, offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn,
+                                       L, S, key_len, query_len, qk_scale, window_left, window_right,
+                                       HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, MASK_KIND,
+                                       UPCAST, PRECISION)
+        # ---- interior: every pair visible by structure ----
+        for start_n in range(a, c, BLOCK_N):
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m,
+                                       offs_n0, offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn,
+                                       L, S, key_len, query_len, qk_scale, window_left, window_right,
+                                       HEAD_DIM, HEAD_DIM_V, False, HAS_LEFT, HAS_RIGHT, MASK_KIND,
+                                       UPCAST, PRECISION)
+        # ---- far edge: masked ----
+        for start_n in range(c, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m,
+                                       offs_n0, offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn,
+                                       L, S, key_len, query_len, qk_scale, window_left, window_right,
+                                       HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, MASK_KIND,
+                                       UPCAST, PRECISION)
+
+    # ---- epilogue: normalise; rows that saw nothing (or are padding) give 0 and -inf ----
+    empty = (l_i == 0.0) | (offs_m >= query_len)
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = tl.where(empty[:, None], 0.0, out)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+    o_ptrs = (O + split.to(tl.int64) * stride_osplit + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :])
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V))
+    lse_ptrs = LSE + split.to(tl.int64) * stride_lsplit + bh.to(tl.int64) * L + offs_m
+    tl.store(lse_ptrs, lse, mask=offs_m < L)
+
+
+@triton.jit
+def merge_splits_kernel(
+    # ---- pointers ----
+    O_PART, LSE_PART, O, LSE,
+    # ---- strides ----
+    stride_ob, stride_oh, stride_om,
+    # ---- sizes ----
+    H, L, NUM_SPLITS,
+    # ---- meta-parameters ----
+    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """out = sum_s exp(lse_s - lse) out_s, lse = logsumexp_s lse_s.
+
+    O_PART is (splits, B, H, L, HEAD_DIM_V) float32 contiguous, LSE_PART
+    (splits, B, H, L); splits that saw no key have lse_s = -inf, weight 0."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    row_ok = offs_m < L
+    part = bh.to(tl.int64) * L + offs_m  # row index into one split's (B*H*L)
+    n_rows = tl.num_programs(1).to(tl.int64) * L
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    for s in range(0, NUM_SPLITS):
+        m = tl.maximum(m, tl.load(LSE_PART + s * n_rows + part, mask=row_ok, other=float("-inf")))
+    m_shift = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM_V_PAD), tl.float32)
+    for s in range(0, NUM_SPLITS):
+        w = tl.exp(tl.load(LSE_PART + s * n_rows + part, mask=row_ok, other=float("-inf")) - m_shift)
+        o = tl.load(O_PART + (s * n_rows + part)[:, None] * HEAD_DIM_V + offs_dv[None, :],
+                    mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        acc += w[:, None] * o
+        total += w
+    empty = total == 0.0
+    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, total)[:, None])
+    lse = tl.where(empty, float("-inf"), m_shift + tl.log(total))
+    tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
+             + offs_dv[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(LSE + part, lse, mask=row_ok)

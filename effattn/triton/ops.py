@@ -1,0 +1,226 @@
+"""The Triton kernels as PyTorch ops: ``effattn::triton_fwd`` and
+``effattn::triton_bwd``, defined with ``torch.library.triton_op`` so that
+``torch.compile(fullgraph=True)`` traces through them (the kernels are
+launched with ``wrap_triton``), with the recompute backward registered as the
+forward's autograd formula.
+
+Arguments are the canonical spec (effattn/spec.py): q (B, Hq, L, E),
+k (B, Hkv, S, E), v (B, Hkv, S, Ev) with a contiguous last dim and any other
+strides; mask a broadcast view of (B, Hq, L, S) or None; lengths (B,) int64
+or None; window sides -1 for unbounded, with causal already folded into
+window_right. Outputs follow the input layouts (as the C++ ops).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from ..ops import empty_in_layout_of
+from . import configs
+from .backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
+from .forward import attn_fwd_kernel, merge_splits_kernel
+from .tiles import LOG2E
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+SPLIT_CHUNK = 256  # keys per split are a multiple of this (and so of every BLOCK_N)
+
+
+def _pad(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))  # tl.dot needs >= 16 and powers of two
+
+
+def _bucket(n: int) -> int:
+    return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
+
+
+def _mask_args(mask: Optional[Tensor], dtype: torch.dtype):
+    """(tensor for the kernel, kind, 4 strides). A bool mask is read as uint8."""
+    if mask is None:
+        return None, 0, (0, 0, 0, 0)
+    strides = tuple(mask.stride())
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8), 1, strides
+    return mask, 2, strides
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_splits(n_programs: int, S: int, device: torch.device) -> int:
+    """Key splits for the short-query path: enough programs for ~2 waves."""
+    want = triton.cdiv(2 * _num_sms(device), max(n_programs, 1))
+    return max(1, min(want, triton.cdiv(S, SPLIT_CHUNK)))
+
+
+def _common(q: Tensor, k: Tensor, v: Tensor, window_left: int, window_right: int,
+            key_lengths, query_lengths, mask):
+    B, H, L, E = q.shape
+    HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
+    mask_t, mask_kind, mstr = _mask_args(mask, q.dtype)
+    meta = dict(
+        HEAD_DIM=E, HEAD_DIM_PAD=_pad(E), HEAD_DIM_V=EV, HEAD_DIM_V_PAD=_pad(EV),
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        HAS_KEY_LENGTHS=key_lengths is not None, HAS_QUERY_LENGTHS=query_lengths is not None,
+        MASK_KIND=mask_kind,
+        UPCAST=INTERPRET and q.dtype in (torch.bfloat16, torch.float16),
+    )
+    # unused pointer slots get any tensor (never read: their flags are off)
+    dummy = q
+    ptrs = (mask_t if mask_t is not None else dummy,
+            key_lengths if key_lengths is not None else dummy,
+            query_lengths if query_lengths is not None else dummy)
+    return B, H, HKV, L, S, E, EV, mstr, meta, ptrs
+
+
+def _precision(dtype: torch.dtype, fp32_ieee: bool) -> str:
+    return "ieee" if dtype == torch.float32 and fp32_ieee else "tf32"
+
+
+@triton_op("effattn::triton_fwd", mutates_args=())
+def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_lengths: Optional[Tensor],
+               query_lengths: Optional[Tensor], scale: float, window_left: int, window_right: int,
+               fp32_ieee: bool) -> Tuple[Tensor, Tensor]:
+    B, H, HKV, L, S, E, EV, mstr, meta, (mask_t, klen, qlen) = _common(
+        q, k, v, window_left, window_right, key_lengths, query_lengths, mask)
+    out = empty_in_layout_of(q, (B, H, L, EV), q.dtype)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    if B * H * L == 0:
+        return out, lse
+    meta["PRECISION"] = _precision(q.dtype, fp32_ieee)
+    elem = q.element_size()
+    args_tail = (mstr[0], mstr[1], mstr[2], mstr[3], H, H // HKV, L, S)
+    short = L <= configs.SHORT_QUERY_ROWS and not INTERPRET
+    splits = _num_splits(B * H, S, q.device) if short else 1
+    if splits > 1:
+        bm, bn, w, st = configs.SHORT if meta["HEAD_DIM_PAD"] <= 128 else configs.SHORT_WIDE
+        per_split = triton.cdiv(triton.cdiv(S, splits), SPLIT_CHUNK) * SPLIT_CHUNK
+        splits = triton.cdiv(S, per_split)
+        o_part = torch.empty((splits, B, H, L, EV), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((splits, B, H, L), dtype=torch.float32, device=q.device)
+        wrap_triton(attn_fwd_kernel)[(triton.cdiv(L, bm), B * H, splits)](
+            q, k, v, o_part, lse_part, mask_t, klen, qlen,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            o_part.stride(1), o_part.stride(2), o_part.stride(3), o_part.stride(0), lse_part.stride(0),
+            *args_tail, per_split, _bucket(L), _bucket(S), scale * LOG2E, window_left, window_right,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **meta)
+        wrap_triton(merge_splits_kernel)[(triton.cdiv(L, 16), B * H)](
+            o_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2), H, L, splits,
+            HEAD_DIM_V=EV, HEAD_DIM_V_PAD=meta["HEAD_DIM_V_PAD"], BLOCK_M=16, num_warps=4)
+        return out, lse
+    kernel, fixed = configs.launcher(attn_fwd_kernel, "fwd", meta["HEAD_DIM_PAD"], elem, INTERPRET)
+    grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H, 1)  # noqa: E731
+    wrap_triton(kernel)[grid](
+        q, k, v, out, lse, mask_t, klen, qlen,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), 0, 0,
+        *args_tail, max(S, 1), _bucket(L), _bucket(S), scale * LOG2E, window_left, window_right,
+        **meta, **(fixed or {}))
+    return out, lse
+
+
+@triton_op("effattn::triton_bwd", mutates_args=())
+def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+               lse: Tensor, mask: Optional[Tensor], key_lengths: Optional[Tensor],
+               query_lengths: Optional[Tensor], scale: float, window_left: int, window_right: int,
+               fp32_ieee: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    B, H, HKV, L, S, E, EV, mstr, meta, (mask_t, klen, qlen) = _common(
+        q, k, v, window_left, window_right, key_lengths, query_lengths, mask)
+    dq = empty_in_layout_of(q, (B, H, L, E), q.dtype)
+    dk = empty_in_layout_of(k, (B, HKV, S, E), k.dtype)
+    dv = empty_in_layout_of(v, (B, HKV, S, EV), v.dtype)
+    if B * H * L == 0 or S == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    meta["PRECISION"] = _precision(q.dtype, fp32_ieee)
+    elem = q.element_size()
+
+    # ---- 1. delta and lse2, (B, H, L) float32 each ----
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    dlse = grad_lse.to(torch.float32).contiguous() if grad_lse is not None else lse
+    wrap_triton(bwd_preprocess_kernel)[(triton.cdiv(L, 64), B * H)](
+        out, grad_out, lse, dlse, delta, lse2,
+        out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        H, L, HEAD_DIM_V=EV, HEAD_DIM_V_PAD=meta["HEAD_DIM_V_PAD"], BLOCK_M=64,
+        HAS_DLSE=grad_lse is not None, num_warps=4)
+
+    common = dict(meta)
+    buckets = (_bucket(L), _bucket(S))
+    # ---- 2. dK, dV: one program per key block ----
+    kernel, fixed = configs.launcher(bwd_dkdv_kernel, "dkdv", meta["HEAD_DIM_PAD"], elem, INTERPRET)
+    grid = lambda META: (triton.cdiv(S, META["BLOCK_N"]), B * HKV)  # noqa: E731
+    wrap_triton(kernel)[grid](
+        q, k, v, grad_out, lse2, delta, dk, dv, mask_t, klen, qlen,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        mstr[0], mstr[1], mstr[2], mstr[3], H, HKV, H // HKV, L, S, *buckets,
+        scale, scale * LOG2E, window_left, window_right, **common, **(fixed or {}))
+
+    # ---- 3. dQ: one program per query block (and key split, for short queries) ----
+    short = L <= configs.SHORT_QUERY_ROWS and not INTERPRET
+    splits = _num_splits(B * H, S, q.device) if short else 1
+    tail = (mstr[0], mstr[1], mstr[2], mstr[3], H, H // HKV, L, S)
+    if splits > 1:
+        bm, bn, w, st = configs.SHORT if meta["HEAD_DIM_PAD"] <= 128 else configs.SHORT_WIDE
+        per_split = triton.cdiv(triton.cdiv(S, splits), SPLIT_CHUNK) * SPLIT_CHUNK
+        splits = triton.cdiv(S, per_split)
+        dq_part = torch.empty((splits, B, H, L, E), dtype=torch.float32, device=q.device)
+        wrap_triton(bwd_dq_kernel)[(triton.cdiv(L, bm), B * H, splits)](
+            q, k, v, grad_out, lse2, delta, dq_part, mask_t, klen, qlen,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            dq_part.stride(1), dq_part.stride(2), dq_part.stride(3), dq_part.stride(0),
+            *tail, per_split, *buckets, scale, scale * LOG2E, window_left, window_right,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **common)
+        dq.copy_(dq_part.sum(0))
+        return dq, dk, dv
+    kernel, fixed = configs.launcher(bwd_dq_kernel, "dq", meta["HEAD_DIM_PAD"], elem, INTERPRET)
+    grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H, 1)  # noqa: E731
+    wrap_triton(kernel)[grid](
+        q, k, v, grad_out, lse2, delta, dq, mask_t, klen, qlen,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), 0,
+        *tail, max(S, 1), *buckets, scale, scale * LOG2E, window_left, window_right,
+        **common, **(fixed or {}))
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, key_lengths, query_lengths, scale, window_left, window_right, fp32_ieee = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, key_lengths, query_lengths)
+    ctx.flags = (scale, window_left, window_right, fp32_ieee)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, mask, key_lengths, query_lengths = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    elif grad_out.shape[-1] > 1 and grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()  # e.g. the stride-0 gradient of out.sum()
+    dq, dk, dv = torch.ops.effattn.triton_bwd(grad_out, grad_lse, q, k, v, out, lse, mask, key_lengths,
+                                              query_lengths, *ctx.flags)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fwd(spec, fp32_ieee: bool) -> Tuple[Tensor, Tensor]:
+    """Runs effattn::triton_fwd (differentiable) on a normalised AttentionSpec."""
+    left, right = spec.window
+    if spec.is_causal:  # top-left aligned, as SDPA's
+        right = 0 if right < 0 else min(right, 0)
+    return torch.ops.effattn.triton_fwd(spec.q, spec.k, spec.v, spec.mask, spec.key_lengths,
+                                        spec.query_lengths, spec.scale, left, right, fp32_ieee)

@@ -1,0 +1,92 @@
+"""Pieces shared by the Triton forward and backward kernels.
+
+Every kernel walks one block of rows (queries, or keys in the dK/dV kernel)
+against a range of blocks of the other side. Which (query i, key j) pairs are
+visible is the spec's rule (effattn/spec.py):
+
+    i < query_len  and  j < key_len  and  i - window_left <= j <= i + window_right
+    and the dense mask allows it,
+
+with causal folded into window_right by the host (top-left aligned) and -1
+meaning an unbounded side. ``block_ranges`` splits the blocks that may hold a
+visible pair into the ones where *every* pair is visible by the structure
+(lengths and window) and the edges, so the inner loop masks only the edges.
+Scores are kept in base 2 (scaled by log2(e)), so exp is exp2.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # log2(e)
+LN2 = 0.6931471805599453  # ln(2)
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b on the tensor cores. UPCAST (the interpreter only, whose
+    bf16 dot is broken) does it in float32, which is exact for bf16 products."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def clamp_length(len_ptr, b, full):
+    """A lengths entry clamped to [0, full] (values are not checked on the GPU)."""
+    n = tl.load(len_ptr + b).to(tl.int32)
+    return tl.minimum(tl.maximum(n, 0), full)
+
+
+@triton.jit
+def block_ranges(row_first, row_last, lo, hi, near, far, col_len,
+                 BLOCK: tl.constexpr, HAS_NEAR: tl.constexpr, HAS_FAR: tl.constexpr):
+    """Split the column blocks [lo, hi) seen by rows [row_first, row_last]
+    into masked [lo, a), full [a, b) and masked [b, hi).
+
+    Columns are visible from row r when r - near <= col <= r + far (a side
+    absent when its HAS_ flag is off) and col < col_len. (Forward and dQ:
+    rows are queries, columns keys, near/far = window left/right; dK/dV:
+    rows are keys, columns queries, near/far = window right/left.) Rows past
+    their own length are the caller's to zero. The caller has
+    already clipped lo (a multiple of BLOCK) and hi to the visible band. A
+    block is "full" when every row of the block sees all its columns.
+    """
+    full_lo = lo
+    if HAS_NEAR:  # col >= row_last - near for every row
+        full_lo = tl.maximum(full_lo, tl.cdiv(tl.maximum(row_last - near, 0), BLOCK) * BLOCK)
+    full_hi = (tl.minimum(hi, col_len) // BLOCK) * BLOCK  # whole blocks of valid columns
+    if HAS_FAR:  # col <= row_first + far for every column of the block
+        full_hi = tl.minimum(full_hi, ((row_first + far + 1) // BLOCK) * BLOCK)
+    full_hi = tl.maximum(full_hi, full_lo)
+    a = tl.minimum(full_lo, hi)
+    b = tl.maximum(full_hi, a)
+    return a, b
+
+
+@triton.jit
+def structure_visible(rows, cols, row_len, col_len, near, far,
+                      HAS_NEAR: tl.constexpr, HAS_FAR: tl.constexpr):
+    """Bool tile: rows (queries) and cols (keys) broadcast against each other."""
+    vis = (rows < row_len) & (cols < col_len)
+    if HAS_NEAR:
+        vis = vis & (cols >= rows - near)
+    if HAS_FAR:
+        vis = vis & (cols <= rows + far)
+    return vis
+
+
+@triton.jit
+def load_mask(mask_base, rows, cols, stride_row, stride_col, n_rows, n_cols,
+              MASK_KIND: tl.constexpr):
+    """The dense mask's tile at (rows, cols) (broadcast index tensors).
+
+    MASK_KIND 1: bool (stored as uint8), returns a bool tile "visible";
+    MASK_KIND 2: additive float bias, returned in base-2 units (times log2 e).
+    Out-of-range positions read as masked / 0.
+    """
+    ptrs = mask_base + rows.to(tl.int64) * stride_row + cols.to(tl.int64) * stride_col
+    inb = (rows < n_rows) & (cols < n_cols)
+    if MASK_KIND == 1:
+        return tl.load(ptrs, mask=inb, other=0) != 0
+    else:
+        return tl.load(ptrs, mask=inb, other=0.0).to(tl.float32) * 1.4426950408889634
