@@ -64,7 +64,7 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, mask_base,
                 offs_m0, offs_d, offs_dv, stride_qm, stride_dom, stride_mm, stride_mn, L, S,
                 key_len, query_len, qk_scale, window_left, window_right,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, STRUCTURE_MASK: tl.constexpr,
-                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                MASK_KIND: tl.constexpr,
                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One query block against this program's keys; returns updated (dK, dV)."""
     offs_m = start_m + offs_m0
@@ -84,11 +84,11 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, mask_base,
         keep = load_mask(mask_base, offs_m[None, :], offs_n[:, None], stride_mm, stride_mn, L, S, MASK_KIND)
         if STRUCTURE_MASK:
             keep = keep & structure_visible(offs_m[None, :], offs_n[:, None], query_len, key_len,
-                                            window_left, window_right, HAS_LEFT, HAS_RIGHT)
+                                            window_left, window_right)
         pt = tl.where(keep, pt, 0.0)
     elif STRUCTURE_MASK:
         keep = structure_visible(offs_m[None, :], offs_n[:, None], query_len, key_len,
-                                 window_left, window_right, HAS_LEFT, HAS_RIGHT)
+                                 window_left, window_right)
         pt = tl.where(keep, pt, 0.0)
     dv = mma(pt.to(do.dtype), do, dv, UPCAST, PRECISION)
     dpt = mma(v, tl.trans(do), tl.zeros((k.shape[0], q.shape[0]), tl.float32), UPCAST, PRECISION)
@@ -118,7 +118,6 @@ def bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
     MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -152,16 +151,11 @@ def bwd_dkdv_kernel(
 
     # ---- the query blocks that can see these keys: i >= j - right, i <= j + left ----
     row_last = tl.minimum(n0 + BLOCK_N, key_len) - 1
-    lo = 0
-    hi = query_len
-    if HAS_RIGHT:
-        lo = (tl.maximum(n0 - window_right, 0) // BLOCK_M) * BLOCK_M
-    if HAS_LEFT:
-        hi = tl.minimum(hi, row_last + window_left + 1)
+    lo = (tl.maximum(n0 - window_right, 0) // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(query_len, row_last + window_left + 1)
     if row_last < n0:  # every key of the block is past key_lengths
         hi = lo
-    a, c = block_ranges(n0, row_last, lo, hi, window_right, window_left, query_len,
-                        BLOCK_M, HAS_RIGHT, HAS_LEFT)
+    a, c = block_ranges(n0, row_last, lo, hi, window_right, window_left, query_len, BLOCK_M)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -177,19 +171,19 @@ def bwd_dkdv_kernel(
             dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, mask_base, start_m,
                                  offs_n, offs_m0, offs_d, offs_dv, stride_qm, stride_dom, stride_mm, stride_mn,
                                  L, S, key_len, query_len, qk_scale, window_left, window_right,
-                                 HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, UPCAST, PRECISION)
+                                 HEAD_DIM, HEAD_DIM_V, True, MASK_KIND, UPCAST, PRECISION)
         # ---- interior: every pair visible by structure ----
         for start_m in range(a, c, BLOCK_M):
             dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, mask_base, start_m,
                                  offs_n, offs_m0, offs_d, offs_dv, stride_qm, stride_dom, stride_mm, stride_mn,
                                  L, S, key_len, query_len, qk_scale, window_left, window_right,
-                                 HEAD_DIM, HEAD_DIM_V, False, HAS_LEFT, HAS_RIGHT, MASK_KIND, UPCAST, PRECISION)
+                                 HEAD_DIM, HEAD_DIM_V, False, MASK_KIND, UPCAST, PRECISION)
         # ---- far edge: masked ----
         for start_m in range(c, hi, BLOCK_M):
             dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, mask_base, start_m,
                                  offs_n, offs_m0, offs_d, offs_dv, stride_qm, stride_dom, stride_mm, stride_mn,
                                  L, S, key_len, query_len, qk_scale, window_left, window_right,
-                                 HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, MASK_KIND, UPCAST, PRECISION)
+                                 HEAD_DIM, HEAD_DIM_V, True, MASK_KIND, UPCAST, PRECISION)
 
     # keys past key_lengths get exactly zero (interior blocks may have touched them)
     live = (offs_n < key_len)[:, None]
@@ -208,7 +202,7 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m
               offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, L, S, key_len, query_len, qk_scale,
               window_left, window_right,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, STRUCTURE_MASK: tl.constexpr,
-              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+              MASK_KIND: tl.constexpr,
               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One key block for this program's queries; returns the updated dQ."""
     offs_n = start_n + offs_n0
@@ -225,11 +219,11 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m
         keep = load_mask(mask_base, offs_m[:, None], offs_n[None, :], stride_mm, stride_mn, L, S, MASK_KIND)
         if STRUCTURE_MASK:
             keep = keep & structure_visible(offs_m[:, None], offs_n[None, :], query_len, key_len,
-                                            window_left, window_right, HAS_LEFT, HAS_RIGHT)
+                                            window_left, window_right)
         p = tl.where(keep, p, 0.0)
     elif STRUCTURE_MASK:
         keep = structure_visible(offs_m[:, None], offs_n[None, :], query_len, key_len,
-                                 window_left, window_right, HAS_LEFT, HAS_RIGHT)
+                                 window_left, window_right)
         p = tl.where(keep, p, 0.0)
     dp = mma(do, vt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, PRECISION)
     ds = p * (dp - delta[:, None])
@@ -256,7 +250,6 @@ def bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
     MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -290,14 +283,12 @@ def bwd_dq_kernel(
     row_last = tl.minimum(m0 + BLOCK_M, query_len) - 1
     lo = split * KEYS_PER_SPLIT
     hi = tl.minimum(lo + KEYS_PER_SPLIT, key_len)
-    if HAS_LEFT:
-        lo = tl.maximum(lo, (tl.maximum(m0 - window_left, 0) // BLOCK_N) * BLOCK_N)
-    if HAS_RIGHT:
-        hi = tl.minimum(hi, row_last + window_right + 1)
+    lo = tl.maximum(lo, (tl.maximum(m0 - window_left, 0) // BLOCK_N) * BLOCK_N)
+    hi = tl.minimum(hi, row_last + window_right + 1)
     if row_last < m0:
         hi = lo
     a, c = block_ranges(m0, row_last, lo, hi, window_left, window_right, key_len,
-                        BLOCK_N, HAS_LEFT, HAS_RIGHT)
+                        BLOCK_N)
 
     dq = tl.zeros((BLOCK_M, HEAD_DIM_PAD), tl.float32)
     if hi > lo:
@@ -314,19 +305,19 @@ def bwd_dq_kernel(
             dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0,
                            offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, L, S, key_len,
                            query_len, qk_scale, window_left, window_right, HEAD_DIM, HEAD_DIM_V, True,
-                           HAS_LEFT, HAS_RIGHT, MASK_KIND, UPCAST, PRECISION)
+                           MASK_KIND, UPCAST, PRECISION)
         # ---- interior: every pair visible by structure ----
         for start_n in range(a, c, BLOCK_N):
             dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0,
                            offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, L, S, key_len,
                            query_len, qk_scale, window_left, window_right, HEAD_DIM, HEAD_DIM_V, False,
-                           HAS_LEFT, HAS_RIGHT, MASK_KIND, UPCAST, PRECISION)
+                           MASK_KIND, UPCAST, PRECISION)
         # ---- far edge: masked ----
         for start_n in range(c, hi, BLOCK_N):
             dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0,
                            offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, L, S, key_len,
                            query_len, qk_scale, window_left, window_right, HEAD_DIM, HEAD_DIM_V, True,
-                           HAS_LEFT, HAS_RIGHT, MASK_KIND, UPCAST, PRECISION)
+                           MASK_KIND, UPCAST, PRECISION)
 
     dq = tl.where((offs_m < query_len)[:, None], dq * scale, 0.0)
     tl.store(DQ + split.to(tl.int64) * stride_dqsplit + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh

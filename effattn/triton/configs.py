@@ -48,6 +48,13 @@ SHORT_WIDE = (16, 64, 4, 3)  # head dim 256
 INTERPRETER = (32, 32, 4, 1)
 
 
+def short(d_pad: int, interpret: bool) -> Tuple[int, int, int, int]:
+    """The short-query (split keys) config."""
+    if interpret:
+        return (16, 64, 4, 1)
+    return SHORT if d_pad <= 128 else SHORT_WIDE
+
+
 def _fits(cfg: Tuple[int, int, int, int], kind: str, d_pad: int, elem: int) -> bool:
     """Rough shared-memory estimate (bytes) of a config, against the H100's 227 KiB
     (Ampere's 163/99 KiB configs are dropped by the autotuner when they fail)."""
@@ -94,6 +101,6 @@ def launcher(kernel, kind: str, d_pad: int, elem: int, interpret: bool):
             configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
                      for bm, bn, w, s in cands],
             key=["L_BUCKET", "S_BUCKET", "HEAD_DIM_PAD", "HEAD_DIM_V_PAD", "MASK_KIND",
-                 "HAS_LEFT", "HAS_RIGHT", "HAS_KEY_LENGTHS", "HAS_QUERY_LENGTHS", "PRECISION"],
+                 "HAS_KEY_LENGTHS", "HAS_QUERY_LENGTHS", "PRECISION"],
         )(kernel)
     return _AUTOTUNED[key], None

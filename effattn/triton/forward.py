@@ -30,7 +30,7 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, off
                offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, L, S, key_len, query_len,
                qk_scale, near, far,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, STRUCTURE_MASK: tl.constexpr,
-               HAS_NEAR: tl.constexpr, HAS_FAR: tl.constexpr, MASK_KIND: tl.constexpr,
+               MASK_KIND: tl.constexpr,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One key block of the online softmax; returns the updated (acc, m, l)."""
     offs_n = start_n + offs_n0
@@ -45,12 +45,10 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, off
     if MASK_KIND == 1:
         keep = load_mask(mask_base, offs_m[:, None], offs_n[None, :], stride_mm, stride_mn, L, S, MASK_KIND)
         if STRUCTURE_MASK:
-            keep = keep & structure_visible(offs_m[:, None], offs_n[None, :], query_len, key_len, near, far,
-                                            HAS_NEAR, HAS_FAR)
+            keep = keep & structure_visible(offs_m[:, None], offs_n[None, :], query_len, key_len, near, far)
         s = tl.where(keep, s, float("-inf"))
     elif STRUCTURE_MASK:
-        keep = structure_visible(offs_m[:, None], offs_n[None, :], query_len, key_len, near, far,
-                                 HAS_NEAR, HAS_FAR)
+        keep = structure_visible(offs_m[:, None], offs_n[None, :], query_len, key_len, near, far)
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # a row with nothing visible yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
@@ -87,7 +85,6 @@ def attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool (uint8), 2 additive float
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -123,14 +120,12 @@ def attn_fwd_kernel(
     row_last = tl.minimum(m0 + BLOCK_M, query_len) - 1
     lo = split * KEYS_PER_SPLIT
     hi = tl.minimum(lo + KEYS_PER_SPLIT, key_len)
-    if HAS_LEFT:
-        lo = tl.maximum(lo, (tl.maximum(m0 - window_left, 0) // BLOCK_N) * BLOCK_N)
-    if HAS_RIGHT:
-        hi = tl.minimum(hi, row_last + window_right + 1)
+    lo = tl.maximum(lo, (tl.maximum(m0 - window_left, 0) // BLOCK_N) * BLOCK_N)
+    hi = tl.minimum(hi, row_last + window_right + 1)
     if row_last < m0:  # the whole block is past query_lengths
         hi = lo
     a, c = block_ranges(m0, row_last, lo, hi, window_left, window_right, key_len,
-                        BLOCK_N, HAS_LEFT, HAS_RIGHT)
+                        BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, HEAD_DIM_V_PAD), tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -143,21 +138,21 @@ def attn_fwd_kernel(
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m,
                                        offs_n0, offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn,
                                        L, S, key_len, query_len, qk_scale, window_left, window_right,
-                                       HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, MASK_KIND,
+                                       HEAD_DIM, HEAD_DIM_V, True, MASK_KIND,
                                        UPCAST, PRECISION)
         # ---- interior: every pair visible by structure ----
         for start_n in range(a, c, BLOCK_N):
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m,
                                        offs_n0, offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn,
                                        L, S, key_len, query_len, qk_scale, window_left, window_right,
-                                       HEAD_DIM, HEAD_DIM_V, False, HAS_LEFT, HAS_RIGHT, MASK_KIND,
+                                       HEAD_DIM, HEAD_DIM_V, False, MASK_KIND,
                                        UPCAST, PRECISION)
         # ---- far edge: masked ----
         for start_n in range(c, hi, BLOCK_N):
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m,
                                        offs_n0, offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn,
                                        L, S, key_len, query_len, qk_scale, window_left, window_right,
-                                       HEAD_DIM, HEAD_DIM_V, True, HAS_LEFT, HAS_RIGHT, MASK_KIND,
+                                       HEAD_DIM, HEAD_DIM_V, True, MASK_KIND,
                                        UPCAST, PRECISION)
 
     # ---- epilogue: normalise; rows that saw nothing (or are padding) give 0 and -inf ----

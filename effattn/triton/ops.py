@@ -24,7 +24,7 @@ from ..ops import empty_in_layout_of
 from . import configs
 from .backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .forward import attn_fwd_kernel, merge_splits_kernel
-from .tiles import LOG2E
+from .tiles import LOG2E, UNBOUNDED
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SPLIT_CHUNK = 256  # keys per split are a multiple of this (and so of every BLOCK_N)
@@ -50,7 +50,7 @@ def _mask_args(mask: Optional[Tensor], dtype: torch.dtype):
 
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
-        return 4
+        return 4  # the interpreter: a few splits, so the tests exercise the merge
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -67,7 +67,6 @@ def _common(q: Tensor, k: Tensor, v: Tensor, window_left: int, window_right: int
     mask_t, mask_kind, mstr = _mask_args(mask, q.dtype)
     meta = dict(
         HEAD_DIM=E, HEAD_DIM_PAD=_pad(E), HEAD_DIM_V=EV, HEAD_DIM_V_PAD=_pad(EV),
-        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         HAS_KEY_LENGTHS=key_lengths is not None, HAS_QUERY_LENGTHS=query_lengths is not None,
         MASK_KIND=mask_kind,
         UPCAST=INTERPRET and q.dtype in (torch.bfloat16, torch.float16),
@@ -80,6 +79,11 @@ def _common(q: Tensor, k: Tensor, v: Tensor, window_left: int, window_right: int
     return B, H, HKV, L, S, E, EV, mstr, meta, ptrs
 
 
+def _window(side: int) -> int:
+    """-1 (unbounded) becomes a bound no index reaches, so the kernels need no flag."""
+    return UNBOUNDED if side < 0 else min(side, UNBOUNDED)
+
+
 def _precision(dtype: torch.dtype, fp32_ieee: bool) -> str:
     return "ieee" if dtype == torch.float32 and fp32_ieee else "tf32"
 
@@ -90,6 +94,7 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_leng
                fp32_ieee: bool) -> Tuple[Tensor, Tensor]:
     B, H, HKV, L, S, E, EV, mstr, meta, (mask_t, klen, qlen) = _common(
         q, k, v, window_left, window_right, key_lengths, query_lengths, mask)
+    window_left, window_right = _window(window_left), _window(window_right)
     out = empty_in_layout_of(q, (B, H, L, EV), q.dtype)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if B * H * L == 0:
@@ -97,10 +102,9 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_leng
     meta["PRECISION"] = _precision(q.dtype, fp32_ieee)
     elem = q.element_size()
     args_tail = (mstr[0], mstr[1], mstr[2], mstr[3], H, H // HKV, L, S)
-    short = L <= configs.SHORT_QUERY_ROWS and not INTERPRET
-    splits = _num_splits(B * H, S, q.device) if short else 1
+    splits = _num_splits(B * H, S, q.device) if L <= configs.SHORT_QUERY_ROWS else 1
     if splits > 1:
-        bm, bn, w, st = configs.SHORT if meta["HEAD_DIM_PAD"] <= 128 else configs.SHORT_WIDE
+        bm, bn, w, st = configs.short(meta["HEAD_DIM_PAD"], INTERPRET)
         per_split = triton.cdiv(triton.cdiv(S, splits), SPLIT_CHUNK) * SPLIT_CHUNK
         splits = triton.cdiv(S, per_split)
         o_part = torch.empty((splits, B, H, L, EV), dtype=torch.float32, device=q.device)
@@ -135,6 +139,7 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
                fp32_ieee: bool) -> Tuple[Tensor, Tensor, Tensor]:
     B, H, HKV, L, S, E, EV, mstr, meta, (mask_t, klen, qlen) = _common(
         q, k, v, window_left, window_right, key_lengths, query_lengths, mask)
+    window_left, window_right = _window(window_left), _window(window_right)
     dq = empty_in_layout_of(q, (B, H, L, E), q.dtype)
     dk = empty_in_layout_of(k, (B, HKV, S, E), k.dtype)
     dv = empty_in_layout_of(v, (B, HKV, S, EV), v.dtype)
@@ -167,11 +172,10 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
         scale, scale * LOG2E, window_left, window_right, **common, **(fixed or {}))
 
     # ---- 3. dQ: one program per query block (and key split, for short queries) ----
-    short = L <= configs.SHORT_QUERY_ROWS and not INTERPRET
-    splits = _num_splits(B * H, S, q.device) if short else 1
+    splits = _num_splits(B * H, S, q.device) if L <= configs.SHORT_QUERY_ROWS else 1
     tail = (mstr[0], mstr[1], mstr[2], mstr[3], H, H // HKV, L, S)
     if splits > 1:
-        bm, bn, w, st = configs.SHORT if meta["HEAD_DIM_PAD"] <= 128 else configs.SHORT_WIDE
+        bm, bn, w, st = configs.short(meta["HEAD_DIM_PAD"], INTERPRET)
         per_split = triton.cdiv(triton.cdiv(S, splits), SPLIT_CHUNK) * SPLIT_CHUNK
         splits = triton.cdiv(S, per_split)
         dq_part = torch.empty((splits, B, H, L, E), dtype=torch.float32, device=q.device)

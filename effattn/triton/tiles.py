@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # log2(e)
+# An unbounded window side, as a bound no index reaches (row + UNBOUNDED stays in int32).
+UNBOUNDED = 1 << 29
 LN2 = 0.6931471805599453  # ln(2)
 
 
@@ -38,41 +40,32 @@ def clamp_length(len_ptr, b, full):
 
 
 @triton.jit
-def block_ranges(row_first, row_last, lo, hi, near, far, col_len,
-                 BLOCK: tl.constexpr, HAS_NEAR: tl.constexpr, HAS_FAR: tl.constexpr):
+def block_ranges(row_first, row_last, lo, hi, near, far, col_len, BLOCK: tl.constexpr):
     """Split the column blocks [lo, hi) seen by rows [row_first, row_last]
     into masked [lo, a), full [a, b) and masked [b, hi).
 
-    Columns are visible from row r when r - near <= col <= r + far (a side
-    absent when its HAS_ flag is off) and col < col_len. (Forward and dQ:
+    Columns are visible from row r when r - near <= col <= r + far (an
+    unbounded side is passed as UNBOUNDED) and col < col_len. (Forward and dQ:
     rows are queries, columns keys, near/far = window left/right; dK/dV:
     rows are keys, columns queries, near/far = window right/left.) Rows past
     their own length are the caller's to zero. The caller has
     already clipped lo (a multiple of BLOCK) and hi to the visible band. A
     block is "full" when every row of the block sees all its columns.
     """
-    full_lo = lo
-    if HAS_NEAR:  # col >= row_last - near for every row
-        full_lo = tl.maximum(full_lo, tl.cdiv(tl.maximum(row_last - near, 0), BLOCK) * BLOCK)
+    # col >= row_last - near for every row of the block
+    full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(row_last - near, 0), BLOCK) * BLOCK)
     full_hi = (tl.minimum(hi, col_len) // BLOCK) * BLOCK  # whole blocks of valid columns
-    if HAS_FAR:  # col <= row_first + far for every column of the block
-        full_hi = tl.minimum(full_hi, ((row_first + far + 1) // BLOCK) * BLOCK)
-    full_hi = tl.maximum(full_hi, full_lo)
+    # col <= row_first + far for every column of the block
+    full_hi = tl.minimum(full_hi, ((row_first + far + 1) // BLOCK) * BLOCK)
     a = tl.minimum(full_lo, hi)
-    b = tl.maximum(full_hi, a)
+    b = tl.maximum(tl.minimum(full_hi, hi), a)  # empty interior: b = a, the far edge is [a, hi)
     return a, b
 
 
 @triton.jit
-def structure_visible(rows, cols, row_len, col_len, near, far,
-                      HAS_NEAR: tl.constexpr, HAS_FAR: tl.constexpr):
+def structure_visible(rows, cols, row_len, col_len, near, far):
     """Bool tile: rows (queries) and cols (keys) broadcast against each other."""
-    vis = (rows < row_len) & (cols < col_len)
-    if HAS_NEAR:
-        vis = vis & (cols >= rows - near)
-    if HAS_FAR:
-        vis = vis & (cols <= rows + far)
-    return vis
+    return (rows < row_len) & (cols < col_len) & (cols >= rows - near) & (cols <= rows + far)
 
 
 @triton.jit

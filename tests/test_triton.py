@@ -1,0 +1,168 @@
+"""What the shared matrix (test_attention.py) does not reach in the Triton
+backend: the split-keys path for short queries, TF32 by default, the op
+registration, and, on a GPU only, torch.compile, autotuning, long sequences
+and the no-(L x S) memory promise. The Triton kernels run on the GPU when
+there is one, else on the CPU under Triton's interpreter (conftest sets it)."""
+import math
+
+import pytest
+import torch
+
+import effattn
+from conftest import BackendCase, check_against_oracle, make_qkv, on_device
+from effattn.backends import BY_NAME
+from effattn.backends import triton as triton_backend
+
+_REASONS = BY_NAME["triton"].unavailable_reasons()
+pytestmark = pytest.mark.skipif(bool(_REASONS), reason="; ".join(_REASONS))
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+TRITON = BackendCase("triton", DEVICE)
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (torch.compile and timing-sized shapes)")
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    saved = triton_backend.get_float32_precision()
+    triton_backend.set_float32_precision("ieee")
+    yield
+    triton_backend.set_float32_precision(saved)
+
+
+@pytest.mark.parametrize("L,dtype,extra", [
+    (1, torch.float32, "none"), (16, torch.bfloat16, "none"), (5, torch.float32, "lengths"),
+    (16, torch.float32, "mask"), (1, torch.bfloat16, "window"), (5, torch.float16, "mask")])
+def test_short_queries_split_keys(L, dtype, extra):
+    """Lq <= 16 over many keys: the keys are split across programs and merged by LSE."""
+    from effattn.triton import ops
+    S = 1100
+    assert ops._num_splits(2, S, torch.device(DEVICE)) > 1  # the path under test is taken
+    q, k, v = make_qkv(B=1, Hq=2, L=L, S=S, E=40, dtype=dtype)
+    kw = {}
+    if extra == "lengths":
+        kw["key_lengths"] = torch.tensor([700])
+    elif extra == "mask":
+        kw["attn_mask"] = torch.rand(1, 2, L, S, generator=torch.Generator().manual_seed(4)) > 0.5
+    elif extra == "window":
+        kw.update(window=(None, 600), is_causal=False)
+    check_against_oracle(q, k, v, TRITON, **kw)
+
+
+def test_short_query_that_sees_nothing_in_some_splits():
+    # key_lengths end inside the first split: the other splits see no key (lse -inf, weight 0)
+    q, k, v = make_qkv(B=2, Hq=1, L=3, S=1200, E=16)
+    check_against_oracle(q, k, v, TRITON, key_lengths=torch.tensor([10, 0]))
+
+
+def test_float32_uses_tf32_by_default_and_ieee_on_request():
+    q, k, v = on_device(DEVICE, *make_qkv(B=1, Hq=2, L=64, S=64, E=32, requires_grad=False))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    triton_backend.set_float32_precision("tf32")
+    assert triton_backend.get_float32_precision() == "tf32"
+    tf32 = effattn.attention(q, k, v, backend="triton")
+    triton_backend.set_float32_precision("ieee")
+    ieee = effattn.attention(q, k, v, backend="triton")
+    assert (ieee.double() - ref).abs().max() < 1e-5
+    assert (tf32.double() - ref).abs().max() < 5e-3
+    with pytest.raises(ValueError, match="'tf32' or 'ieee'"):
+        triton_backend.set_float32_precision("fp16")
+
+
+def test_head_dim_over_256_is_declined_with_a_reason():
+    q, k, v = on_device(DEVICE, *make_qkv(B=1, Hq=1, L=4, S=4, E=264, requires_grad=False))
+    reasons = effattn.backends(q, k, v)["triton"]
+    assert any("head dims up to 256" in r for r in reasons), reasons
+
+
+def test_float64_is_declined_with_a_reason():
+    q, k, v = on_device(DEVICE, *make_qkv(B=1, Hq=1, L=4, S=4, E=16, dtype=torch.float64))
+    assert any("float64" in r for r in effattn.backends(q, k, v)["triton"])
+
+
+def test_ops_are_registered_as_custom_ops():
+    from effattn.triton import ops  # noqa: F401  (registers them)
+    assert hasattr(torch.ops.effattn, "triton_fwd") and hasattr(torch.ops.effattn, "triton_bwd")
+    q, k, v = on_device(DEVICE, *make_qkv(B=1, Hq=2, L=20, S=24, E=16))
+    out, lse = torch.ops.effattn.triton_fwd(q, k, v, None, None, None, 0.25, -1, 0, True)
+    assert out.shape == (1, 2, 20, 16) and lse.shape == (1, 2, 20) and lse.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- GPU only
+@needs_gpu
+def test_is_the_auto_backend_for_cuda_tensors():
+    q, k, v = on_device("cuda", *make_qkv(B=1, Hq=2, L=20, S=24, E=64, dtype=torch.bfloat16))
+    assert effattn.backends(q, k, v).usable()[0] in ("cuda", "triton")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_sequences_on_gpu(dtype, causal):
+    check_against_oracle(*make_qkv(B=1, Hq=2, L=2500, S=2500, E=128, dtype=dtype), TRITON, is_causal=causal)
+
+
+@needs_gpu
+def test_autotuned_launch_matches(monkeypatch):
+    monkeypatch.setenv("EFFATTN_TRITON_AUTOTUNE", "1")
+    check_against_oracle(*make_qkv(B=2, Hq=4, L=700, S=900, E=64, dtype=torch.bfloat16), TRITON,
+                         is_causal=True, key_lengths=torch.tensor([900, 333]))
+
+
+@needs_gpu
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    q, k, v = on_device("cuda", *make_qkv(B=2, Hq=4, Hkv=2, L=300, S=260, E=64, dtype=torch.bfloat16))
+    lengths = torch.tensor([260, 100], device="cuda")
+
+    def f(q, k, v):
+        return effattn.attention(q, k, v, is_causal=True, enable_gqa=True, key_lengths=lengths)
+
+    eager = f(q, k, v)
+    eager.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    compiled = torch.compile(f, fullgraph=True)(q, k, v)
+    compiled.float().square().sum().backward()
+    torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
+    for g, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(t.grad, g, atol=1e-2, rtol=1e-2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("extra", ["causal", "key_padding", "mask"])
+def test_no_seq_by_seq_allocation_on_gpu(extra):
+    """Peak memory of forward+backward stays O(L): far below one (L, S) fp32 tensor."""
+    B, H, L, E = 1, 4, 8192, 64
+    q, k, v = (torch.randn(B, H, L, E, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    kw = {"causal": dict(is_causal=True),
+          "key_padding": dict(key_lengths=torch.tensor([5000], device="cuda")),
+          "mask": dict(attn_mask=torch.arange(L, device="cuda").view(1, 1, 1, L) < 6000)}[extra]
+    effattn.attention(q, k, v, **kw).sum().backward()  # warm-up (compiles, autotunes)
+    torch.cuda.synchronize()
+    for t in (q, k, v):
+        t.grad = None
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = effattn.attention(q, k, v, **kw)
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    extra_bytes = torch.cuda.max_memory_allocated() - base
+    io_bytes = 5 * q.numel() * q.element_size()  # out, grad_out, dq, dk, dv
+    one_scores = B * H * L * L * 4
+    assert extra_bytes < io_bytes + 4 * B * H * L * 4 + (1 << 20), (extra_bytes, io_bytes)
+    assert extra_bytes < one_scores / 8
+
+
+@needs_gpu
+def test_one_query_over_a_million_keys():
+    """Attention pooling at scale: one query, 2**20 keys (split over the GPU)."""
+    S = 1 << 20
+    q, k, v = (torch.randn(1, 1, n, 64, device="cuda", dtype=torch.bfloat16) for n in (1, S, S))
+    out, lse = effattn.attention(q, k, v, return_lse=True)
+    ref_lse = torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) / math.sqrt(64), -1)
+    ref = torch.softmax((q.float() @ k.float().transpose(-1, -2)) / math.sqrt(64), -1) @ v.float()
+    assert (lse - ref_lse).abs().max() < 1e-3
+    assert (out.float() - ref).abs().max() < 1e-2
