@@ -46,6 +46,7 @@ SHORT = (16, 128, 4, 3)
 SHORT_WIDE = (16, 64, 4, 3)  # head dim 256
 
 INTERPRETER = (32, 32, 4, 1)
+INTERPRETER_LONG = (128, 128, 4, 1)  # sequences over 256: the interpreter's cost is per block
 
 
 def short(d_pad: int, interpret: bool) -> Tuple[int, int, int, int]:
@@ -83,13 +84,13 @@ def configs(kind: str, d_pad: int, elem: int) -> List[Tuple[int, int, int, int]]
 _AUTOTUNED: Dict[tuple, object] = {}
 
 
-def launcher(kernel, kind: str, d_pad: int, elem: int, interpret: bool):
+def launcher(kernel, kind: str, d_pad: int, elem: int, interpret: bool, long: bool = False):
     """(callable kernel, fixed meta-parameters or None).
 
     Autotuned: returns a triton.autotune wrapper (one per kernel and head-dim
     class) and None; otherwise the plain kernel and the config to pass."""
     if interpret:
-        bm, bn, w, s = INTERPRETER
+        bm, bn, w, s = INTERPRETER_LONG if long else INTERPRETER
         return kernel, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
     cands = configs(kind, d_pad, elem)
     if not autotune_enabled() or len(cands) == 1:

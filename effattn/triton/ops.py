@@ -120,7 +120,7 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_leng
             o_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2), H, L, splits,
             HEAD_DIM_V=EV, HEAD_DIM_V_PAD=meta["HEAD_DIM_V_PAD"], BLOCK_M=16, num_warps=4)
         return out, lse
-    kernel, fixed = configs.launcher(attn_fwd_kernel, "fwd", meta["HEAD_DIM_PAD"], elem, INTERPRET)
+    kernel, fixed = configs.launcher(attn_fwd_kernel, "fwd", meta["HEAD_DIM_PAD"], elem, INTERPRET, max(L, S) > 256)
     grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H, 1)  # noqa: E731
     wrap_triton(kernel)[grid](
         q, k, v, out, lse, mask_t, klen, qlen,
@@ -161,7 +161,8 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
     common = dict(meta)
     buckets = (_bucket(L), _bucket(S))
     # ---- 2. dK, dV: one program per key block ----
-    kernel, fixed = configs.launcher(bwd_dkdv_kernel, "dkdv", meta["HEAD_DIM_PAD"], elem, INTERPRET)
+    kernel, fixed = configs.launcher(bwd_dkdv_kernel, "dkdv", meta["HEAD_DIM_PAD"], elem, INTERPRET,
+                                     max(L, S) > 256)
     grid = lambda META: (triton.cdiv(S, META["BLOCK_N"]), B * HKV)  # noqa: E731
     wrap_triton(kernel)[grid](
         q, k, v, grad_out, lse2, delta, dk, dv, mask_t, klen, qlen,
@@ -188,7 +189,7 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
             BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **common)
         dq.copy_(dq_part.sum(0))
         return dq, dk, dv
-    kernel, fixed = configs.launcher(bwd_dq_kernel, "dq", meta["HEAD_DIM_PAD"], elem, INTERPRET)
+    kernel, fixed = configs.launcher(bwd_dq_kernel, "dq", meta["HEAD_DIM_PAD"], elem, INTERPRET, max(L, S) > 256)
     grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H, 1)  # noqa: E731
     wrap_triton(kernel)[grid](
         q, k, v, grad_out, lse2, delta, dq, mask_t, klen, qlen,
