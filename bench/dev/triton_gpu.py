@@ -132,7 +132,7 @@ def main():
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=sys.version.split()[0], date=datetime.datetime.utcnow().isoformat(timespec="seconds") + "Z",
                 command=" ".join(sys.argv),
-                commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                commit=os.environ.get("EFFATTN_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                       cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown")
     rows = []
     result = dict(meta=meta, rows=rows)
@@ -195,19 +195,33 @@ def main():
                         row[mode + "_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    # the configs the autotuner picked, per kernel and key: "chosen by measurement"
+    from effattn.triton import configs as tcfg
+    result["autotuned"] = {f"{kind}/d{d_pad}/{elem}B": {str(k): str(v) for k, v in tuner.cache.items()}
+                           for (kind, _, d_pad, elem), tuner in tcfg._AUTOTUNED.items()}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "triton-gpu.json"), "w") as fh:
         json.dump(result, fh, indent=1)
-    # ---- table ----
-    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
-    print(f"{'dtype':5} {'E':>4} {'causal':6} {'L':>6} {'method':16} {'fwd TF/s':>9} {'f+b TF/s':>9}")
+    # ---- table (printed, and written as markdown next to the JSON) ----
+    lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}, "
+             f"commit {meta['commit']}", "", f"`{meta['command']}`", "",
+             "| dtype | E | causal | L | B | method | fwd TFLOP/s | fwd+bwd TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fw = r.get("fwd_tflops", r.get("fwd_useful_tflops"))
         fb = r.get("fwd_bwd_tflops", r.get("fwd_bwd_useful_tflops"))
-        tag = "pad" if r.get("padded") else str(r["causal"])
-        print(f"{r['dtype']:5} {r['E']:>4} {tag:6} {r['L']:>6} {r['method']:16} "
-              f"{fw if fw is None else round(fw, 1)!s:>9} {fb if fb is None else round(fb, 1)!s:>9}")
-
+        tag = "padded" if r.get("padded") else ("yes" if r["causal"] else "no")
+        cell = lambda x, mode: f"{x:.1f}" if x is not None else r.get(mode + "_error", "-")[:40]  # noqa: E731
+        lines.append(f"| {r['dtype']} | {r['E']} | {tag} | {r['L']} | {r['B']} | {r['method']} | "
+                     f"{cell(fw, 'fwd')} | {cell(fb, 'fwd_bwd')} |")
+    lines += ["", "Padded rows: TFLOP/s of useful work (queries x valid keys); SDPA gets the dense "
+              "(B, 1, 1, S) mask, effattn key_lengths (+qlen: query_lengths too)."]
+    for name, acc in result["accuracy"].items():
+        lines.append(f"Accuracy {name} (B=2, H=8, L=4096, E=128, causal; relative L2 error vs float32 math): "
+                     + "; ".join(f"{m}: " + ", ".join(f"{k} {v:.2e}" for k, v in d.items()) for m, d in acc.items()))
+    with open(os.path.join(args.out, "triton-gpu.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,7 @@ import triton.language as tl
 from .tiles import block_ranges, clamp_length, load_mask, mma, structure_visible
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "L"])
 def bwd_preprocess_kernel(
     # ---- pointers ----
     O, DO, LSE, DLSE, DELTA, LSE2,
@@ -97,7 +97,7 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, mask_base,
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "HKV", "GROUP", "L", "S", "L_BUCKET", "S_BUCKET", "window_left", "window_right"])
 def bwd_dkdv_kernel(
     # ---- pointers ----
     Q, K, V, DO, LSE2, DELTA, DK, DV, MASK, KEY_LENGTHS, QUERY_LENGTHS,
@@ -230,7 +230,7 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m
     return mma(ds.to(q.dtype), tl.trans(kt), dq, UPCAST, PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "GROUP", "L", "S", "KEYS_PER_SPLIT", "L_BUCKET", "S_BUCKET", "window_left", "window_right"])
 def bwd_dq_kernel(
     # ---- pointers ----
     Q, K, V, DO, LSE2, DELTA, DQ, MASK, KEY_LENGTHS, QUERY_LENGTHS,

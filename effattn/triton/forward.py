@@ -18,6 +18,10 @@ into NUM_SPLITS contiguous chunks, each program writes a normalised partial
 output and LSE in float32, and ``merge_splits`` combines them by their LSEs.
 
 Rows that see no key (all masked, past query_lengths) get out = 0, lse = -inf.
+
+Sizes and window bounds are not specialised on (do_not_specialize): they feed
+only masks and loop bounds, and a compile per length pattern would cost more
+than it gains. Strides are, so row loads stay 16-byte vectors.
 """
 import triton
 import triton.language as tl
@@ -51,8 +55,11 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, off
         keep = structure_visible(offs_m[:, None], offs_n[None, :], query_len, key_len, near, far)
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    # a row with nothing visible yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if STRUCTURE_MASK or MASK_KIND != 0:
+        # a row with nothing visible yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:  # an unmasked block has a finite maximum in every row (or a NaN, which propagates)
+        m_shift = m_new
     p = tl.math.exp2(s - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -64,7 +71,7 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, off
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "GROUP", "L", "S", "KEYS_PER_SPLIT", "L_BUCKET", "S_BUCKET", "window_left", "window_right"])
 def attn_fwd_kernel(
     # ---- pointers ----
     Q, K, V, O, LSE, MASK, KEY_LENGTHS, QUERY_LENGTHS,
@@ -167,7 +174,7 @@ def attn_fwd_kernel(
     tl.store(lse_ptrs, lse, mask=offs_m < L)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "L", "NUM_SPLITS"])
 def merge_splits_kernel(
     # ---- pointers ----
     O_PART, LSE_PART, O, LSE,
