@@ -1,0 +1,91 @@
+// Tile shapes per head dimension, forward and backward. One struct per kernel
+// family; every number has its reason next to it, and static_asserts keep the
+// kernels' assumptions (a warp owns 16 rows; loads split evenly over threads).
+#pragma once
+
+#include <cstddef>
+
+namespace effattn {
+namespace cuda {
+
+// Shared-memory rows are padded by 8 elements (16 bytes): the 8 row addresses
+// of an ldmatrix then start in 8 different 4-bank groups (no bank conflicts),
+// while every row stays 16-byte aligned for cp.async.
+constexpr int kSmemPad = 8;
+
+template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, bool kQInRegs_>
+struct FwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;  // padded head dim: E and Ev are <= it
+  static constexpr int kBlockM = kBlockM_;    // query rows per block
+  static constexpr int kBlockN = kBlockN_;    // keys per inner-loop step
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = kNWarps * 32;
+  // Q's fragments stay in registers for the whole key loop when they fit next
+  // to the output accumulators; otherwise they are re-read from shared memory.
+  static constexpr bool kQInRegs = kQInRegs_;
+  static constexpr int kStride = kHeadDim + kSmemPad;
+  static constexpr int kSmemQ = kBlockM * kStride;
+  static constexpr int kSmemK = kBlockN * kStride;
+  static constexpr int kSmemV = kBlockN * kStride;
+  static constexpr size_t kSmemBytes = size_t(kSmemQ + kSmemK + kSmemV) * sizeof(T);
+
+  static_assert(kBlockM == 16 * kNWarps, "each warp owns 16 query rows");
+  static_assert(kHeadDim % 32 == 0, "head dim tiles: 16-wide k-steps, pairs of 8-wide n-tiles");
+  static_assert(kBlockN % 16 == 0, "keys come in 16-wide k-steps of the P @ V MMA");
+  static_assert((kBlockN * kHeadDim / 8) % kNThreads == 0, "K/V tile loads split evenly over threads");
+  static_assert((kBlockM * kHeadDim / 8) % kNThreads == 0, "Q tile loads split evenly over threads");
+};
+
+// Forward tiles. 128 query rows (8 warps) per block up to head dim 128: each
+// K/V tile read from L2 then serves 128 queries, and Q (32 registers at 128)
+// plus the 16 x 128 float output (64 registers) still fit a thread's budget.
+// Past 128, the output accumulators alone take 96-128 registers: 64 rows,
+// 4 warps, Q re-read from shared memory, narrower key steps at 256.
+template <typename T, int D> struct FwdConfig;
+template <typename T> struct FwdConfig<T, 32> { using Traits = FwdTraits<T, 32, 128, 128, 8, true>; };
+template <typename T> struct FwdConfig<T, 64> { using Traits = FwdTraits<T, 64, 128, 128, 8, true>; };
+template <typename T> struct FwdConfig<T, 96> { using Traits = FwdTraits<T, 96, 128, 64, 8, true>; };
+template <typename T> struct FwdConfig<T, 128> { using Traits = FwdTraits<T, 128, 128, 64, 8, true>; };
+template <typename T> struct FwdConfig<T, 192> { using Traits = FwdTraits<T, 192, 64, 64, 4, false>; };
+template <typename T> struct FwdConfig<T, 256> { using Traits = FwdTraits<T, 256, 64, 32, 4, false>; };
+
+template <typename T_, int kHeadDim_, int kBlockN_, int kBlockM_, int kNWarps_>
+struct BwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockN = kBlockN_;  // keys per block: dK, dV accumulate in registers
+  static constexpr int kBlockM = kBlockM_;  // query rows per inner-loop step
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kStride = kHeadDim + kSmemPad;
+  static constexpr int kStrideDs = kBlockM + kSmemPad;  // dS^T tile (keys x queries)
+  // dQ = dS @ K: warps split the query rows in 16-row groups, then the columns.
+  static constexpr int kWarpsM = kBlockM / 16;
+  static constexpr int kWarpsD = kNWarps / kWarpsM;
+  static constexpr int kDqCols = kHeadDim / kWarpsD;
+  static constexpr int kSmemK = kBlockN * kStride, kSmemV = kBlockN * kStride;
+  static constexpr int kSmemQ = kBlockM * kStride, kSmemDo = kBlockM * kStride;
+  static constexpr int kSmemDs = kBlockN * kStrideDs;
+  static constexpr size_t kSmemBytes =
+      size_t(kSmemK + kSmemV + kSmemQ + kSmemDo + kSmemDs) * sizeof(T) + 2 * kBlockM * sizeof(float);
+
+  static_assert(kBlockN == 16 * kNWarps, "each warp owns 16 keys");
+  static_assert(kHeadDim % 32 == 0 && kBlockM % 16 == 0, "16-wide k-steps, pairs of 8-wide n-tiles");
+  static_assert(kNWarps % kWarpsM == 0 && kDqCols % 16 == 0, "dQ work splits evenly over warps");
+  static_assert((kBlockM * kHeadDim / 8) % kNThreads == 0, "Q/dO tile loads split evenly over threads");
+  static_assert((kBlockN * kHeadDim / 8) % kNThreads == 0, "K/V tile loads split evenly over threads");
+  static_assert(kBlockM <= kNThreads, "one thread per query row loads lse and delta");
+};
+
+// Backward tiles: a warp's 16 keys keep dK and dV (16 x D floats each) in
+// registers, so D <= 128. 64 queries per step keeps S^T and dP^T at 32
+// registers each; 4 warps at D >= 96 let two blocks share an SM.
+template <typename T, int D> struct BwdConfig;
+template <typename T> struct BwdConfig<T, 32> { using Traits = BwdTraits<T, 32, 128, 64, 8>; };
+template <typename T> struct BwdConfig<T, 64> { using Traits = BwdTraits<T, 64, 128, 64, 8>; };
+template <typename T> struct BwdConfig<T, 96> { using Traits = BwdTraits<T, 96, 64, 64, 4>; };
+template <typename T> struct BwdConfig<T, 128> { using Traits = BwdTraits<T, 128, 64, 64, 4>; };
+
+}  // namespace cuda
+}  // namespace effattn
