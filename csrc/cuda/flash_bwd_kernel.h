@@ -1,5 +1,6 @@
 // The backward kernels, recomputing P from the forward's lse (no L x S buffer):
-//   1. bwd_delta_kernel: delta = rowsum(dO * O) - dlse, one warp per row;
+//   1. bwd_delta_kernel: delta = rowsum(dO * O) - dlse, one warp per row
+//      (and the lse in log2 units, both in p.delta: (2, B, Hq, L));
 //   2. flash_bwd_kernel: one block per (key tile, kv head, batch). Each warp
 //      owns 16 keys and keeps their dK, dV in float32 registers while the
 //      block walks the query tiles of every q head of its group (GQA sums
@@ -33,6 +34,10 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const __grid_constant__ 
   if (lane == 0) {
     const float dlse = p.dlse != nullptr ? static_cast<const float*>(p.dlse)[row] : 0.f;
     static_cast<float*>(p.delta)[row] = dot - dlse;
+    // The lse in log2 units for the main kernel, +inf for rows that saw no key
+    // (lse = -inf): exp2(s - inf) = 0 gives them P = 0.
+    const float lse = static_cast<const float*>(p.lse)[row];
+    static_cast<float*>(p.delta)[p.batch * H * L + row] = lse == -INFINITY ? INFINITY : lse * kLog2e;
   }
 }
 
@@ -103,6 +108,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
                  m0 * p.do_strides.row;
     load_tile<T, kBM, kD, kStride, kNT>(sQ, q, p.q_strides.row, vis.l_eff - m0, E, aligned, tid);
     load_tile<T, kBM, kD, kStride, kNT>(sdO, d, p.do_strides.row, vis.l_eff - m0, Ev, aligned, tid);
+    if (tid < kBM) {  // rows past L read nothing: zeros (their tiles are masked)
+      const int64_t row = (int64_t(b) * p.heads_q + h) * L + m0 + tid;
+      const bool ok = m0 + tid < L;
+      const float* delta = static_cast<const float*>(p.delta);
+      cp_async_4(smem_addr(sLse + tid), ok ? delta + p.batch * p.heads_q * L + row : delta, ok);
+      cp_async_4(smem_addr(sDelta + tid), ok ? delta + row : delta, ok);
+    }
     cp_async_commit();
   };
 
@@ -133,15 +145,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   for (int it = 0; it < num_iters; ++it) {
     const int h = hk * group + it / num_mb, m0 = (mb_lo + it % num_mb) * kBM;
     const int64_t bh = int64_t(b) * p.heads_q + h;
-    if (tid < kBM) {
-      const int i = m0 + tid;
-      const float lse = i < vis.l_eff ? static_cast<const float*>(p.lse)[bh * L + i] : -INFINITY;
-      // exp2(s - (+inf)) = 0: rows that saw no key (lse = -inf) get P = 0.
-      sLse[tid] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-      sDelta[tid] = i < vis.l_eff ? static_cast<const float*>(p.delta)[bh * L + i] : 0.f;
-    }
     cp_async_wait<0>();
-    __syncthreads();  // Q, dO (and K, V) landed; lse, delta visible
+    __syncthreads();  // Q, dO, lse, delta (and K, V) landed
 
     // ---- S^T = K @ Q^T (this warp's 16 keys x kBM queries) ---------------
     float ps[kNTilesQ][4];  // S^T, then P^T, then dS^T
@@ -265,8 +270,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt) {
             const int c = dq_col0 + dp * 16 + nt * 8 + 2 * t;
-            if (c < E) atomicAdd(dq_acc + int64_t(i) * E + c, acc[nt][2 * r]);
-            if (c + 1 < E) atomicAdd(dq_acc + int64_t(i) * E + c + 1, acc[nt][2 * r + 1]);
+            float* dst = dq_acc + int64_t(i) * E + c;
+            if (c + 1 < E && E % 2 == 0) {  // c is even: an 8-byte aligned pair
+              atomic_add2(dst, acc[nt][2 * r], acc[nt][2 * r + 1]);
+            } else {
+              if (c < E) atomicAdd(dst, acc[nt][2 * r]);
+              if (c + 1 < E) atomicAdd(dst + 1, acc[nt][2 * r + 1]);
+            }
           }
         }
       }

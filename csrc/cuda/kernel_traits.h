@@ -13,42 +13,44 @@ namespace cuda {
 // while every row stays 16-byte aligned for cp.async.
 constexpr int kSmemPad = 8;
 
-template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, bool kQInRegs_>
+template <typename T_, int kHeadDim_, int kMTiles_, int kBlockN_, int kNWarps_>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;  // padded head dim: E and Ev are <= it
-  static constexpr int kBlockM = kBlockM_;    // query rows per block
-  static constexpr int kBlockN = kBlockN_;    // keys per inner-loop step
+  // Each warp owns kMTiles x 16 query rows: every K/V fragment it reads from
+  // shared memory then feeds kMTiles MMAs (shared-memory traffic per FLOP / kMTiles).
+  static constexpr int kMTiles = kMTiles_;
   static constexpr int kNWarps = kNWarps_;
+  static constexpr int kBlockM = 16 * kMTiles * kNWarps;  // query rows per block
+  static constexpr int kBlockN = kBlockN_;                // keys per inner-loop step
   static constexpr int kNThreads = kNWarps * 32;
-  // Q's fragments stay in registers for the whole key loop when they fit next
-  // to the output accumulators; otherwise they are re-read from shared memory.
-  static constexpr bool kQInRegs = kQInRegs_;
   static constexpr int kStride = kHeadDim + kSmemPad;
   static constexpr int kSmemQ = kBlockM * kStride;
   static constexpr int kSmemK = kBlockN * kStride;
   static constexpr int kSmemV = kBlockN * kStride;
   static constexpr size_t kSmemBytes = size_t(kSmemQ + kSmemK + kSmemV) * sizeof(T);
 
-  static_assert(kBlockM == 16 * kNWarps, "each warp owns 16 query rows");
+  static_assert(kMTiles == 1 || kMTiles == 2, "a warp owns 16 or 32 query rows");
   static_assert(kHeadDim % 32 == 0, "head dim tiles: 16-wide k-steps, pairs of 8-wide n-tiles");
   static_assert(kBlockN % 16 == 0, "keys come in 16-wide k-steps of the P @ V MMA");
   static_assert((kBlockN * kHeadDim / 8) % kNThreads == 0, "K/V tile loads split evenly over threads");
   static_assert((kBlockM * kHeadDim / 8) % kNThreads == 0, "Q tile loads split evenly over threads");
 };
 
-// Forward tiles. 128 query rows (8 warps) per block up to head dim 128: each
-// K/V tile read from L2 then serves 128 queries, and Q (32 registers at 128)
-// plus the 16 x 128 float output (64 registers) still fit a thread's budget.
-// Past 128, the output accumulators alone take 96-128 registers: 64 rows,
-// 4 warps, Q re-read from shared memory, narrower key steps at 256.
+// Forward tiles, as FlashAttention-2 on sm_80/sm_90: 128 query rows per block
+// (each K/V tile read from L2 serves 128 queries) as 4 warps of 32 rows. The
+// float accumulators are 32 x D (O) plus 32 x kBlockN (S) per warp: D <= 64
+// takes 64-key steps, 96/128 take 32 keys (64-key steps spill registers
+// there, ptxas -v for sm_90: 128 and 732 bytes). Past 128, O alone needs
+// 96-128 registers at 16 rows: 64-row blocks of 4 warps x 16 rows, narrower
+// key steps at 256.
 template <typename T, int D> struct FwdConfig;
-template <typename T> struct FwdConfig<T, 32> { using Traits = FwdTraits<T, 32, 128, 128, 8, true>; };
-template <typename T> struct FwdConfig<T, 64> { using Traits = FwdTraits<T, 64, 128, 128, 8, true>; };
-template <typename T> struct FwdConfig<T, 96> { using Traits = FwdTraits<T, 96, 128, 64, 8, true>; };
-template <typename T> struct FwdConfig<T, 128> { using Traits = FwdTraits<T, 128, 128, 64, 8, true>; };
-template <typename T> struct FwdConfig<T, 192> { using Traits = FwdTraits<T, 192, 64, 64, 4, false>; };
-template <typename T> struct FwdConfig<T, 256> { using Traits = FwdTraits<T, 256, 64, 32, 4, false>; };
+template <typename T> struct FwdConfig<T, 32> { using Traits = FwdTraits<T, 32, 2, 64, 4>; };
+template <typename T> struct FwdConfig<T, 64> { using Traits = FwdTraits<T, 64, 2, 64, 4>; };
+template <typename T> struct FwdConfig<T, 96> { using Traits = FwdTraits<T, 96, 2, 32, 4>; };
+template <typename T> struct FwdConfig<T, 128> { using Traits = FwdTraits<T, 128, 2, 32, 4>; };
+template <typename T> struct FwdConfig<T, 192> { using Traits = FwdTraits<T, 192, 1, 64, 4>; };
+template <typename T> struct FwdConfig<T, 256> { using Traits = FwdTraits<T, 256, 1, 32, 4>; };
 
 template <typename T_, int kHeadDim_, int kBlockN_, int kBlockM_, int kNWarps_>
 struct BwdTraits {
@@ -80,12 +82,13 @@ struct BwdTraits {
 
 // Backward tiles: a warp's 16 keys keep dK and dV (16 x D floats each) in
 // registers, so D <= 128. 64 queries per step keeps S^T and dP^T at 32
-// registers each; 4 warps at D >= 96 let two blocks share an SM.
+// registers each. 128 keys (8 warps) per block: every dQ element then takes
+// one float atomic per 128 keys, and the atomics are what limit this kernel.
 template <typename T, int D> struct BwdConfig;
 template <typename T> struct BwdConfig<T, 32> { using Traits = BwdTraits<T, 32, 128, 64, 8>; };
 template <typename T> struct BwdConfig<T, 64> { using Traits = BwdTraits<T, 64, 128, 64, 8>; };
-template <typename T> struct BwdConfig<T, 96> { using Traits = BwdTraits<T, 96, 64, 64, 4>; };
-template <typename T> struct BwdConfig<T, 128> { using Traits = BwdTraits<T, 128, 64, 64, 4>; };
+template <typename T> struct BwdConfig<T, 96> { using Traits = BwdTraits<T, 96, 128, 64, 8>; };
+template <typename T> struct BwdConfig<T, 128> { using Traits = BwdTraits<T, 128, 128, 64, 8>; };
 
 }  // namespace cuda
 }  // namespace effattn

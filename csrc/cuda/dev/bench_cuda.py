@@ -12,6 +12,7 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 
 import torch
 import triton
@@ -40,9 +41,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--md")
+    ap.add_argument("--head-dims", default="128,64")
+    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--fwd-only", action="store_true")
+    ap.add_argument("--label", default="", help="a name for this build, prefixed to impl")
     args = ap.parse_args()
+    impls = {n: IMPLS[n] for n in args.impls.split(",")}
     rows = []
-    for E in (128, 64):
+    for E in (int(e) for e in args.head_dims.split(",")):
         for L in (4096, 8192):
             for causal in (False, True):
                 B, H = 16384 // L, 16
@@ -51,14 +57,18 @@ def main():
                 dout = torch.randn(B, H, L, E, device="cuda", dtype=torch.bfloat16)
                 flops = 4 * B * H * L * L * E / (2 if causal else 1)
                 ref = sdpa_with(SDPBackend.FLASH_ATTENTION)(q, k, v, causal)
-                for name, f in IMPLS.items():
-                    row = dict(impl=name, E=E, L=L, B=B, H=H, causal=causal)
+                for name, f in impls.items():
+                    row = dict(impl=args.label + name, E=E, L=L, B=B, H=H, causal=causal)
                     try:
                         out = f(q, k, v, causal)
                         row["max_abs_diff_vs_flash"] = (out.float() - ref.float()).abs().max().item()
                         with torch.no_grad():
                             ms = triton.testing.do_bench(lambda: f(q, k, v, causal), return_mode="median")
                         row["fwd_ms"], row["fwd_tflops"] = ms, flops / ms * 1e-9
+                        if args.fwd_only:
+                            rows.append(row)
+                            print(row, flush=True)
+                            continue
 
                         def fb():
                             f(q, k, v, causal).backward(dout)
@@ -71,7 +81,7 @@ def main():
                 del q, k, v, dout, ref
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), date=datetime.datetime.utcnow().isoformat(timespec="seconds") + "Z",
-                command="python3 csrc/cuda/dev/bench_cuda.py", dtype="bfloat16", tokens=16384, heads=16)
+                command=" ".join(["python3 csrc/cuda/dev/bench_cuda.py"] + sys.argv[1:]), dtype="bfloat16", tokens=16384, heads=16)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(meta=meta, rows=rows), fh, indent=1)
