@@ -24,7 +24,8 @@ def run(B, H, L, S, E, dtype=torch.bfloat16, causal=False, Hkv=None, grads=True,
 
     q, k, v = mk(H, L, E), mk(Hkv, S, E), mk(Hkv, S, E)
     scale = E ** -0.5
-    out, lse = torch.ops.effattn.fwd(q, k, v, mask, kl, ql, scale, causal, window[0], window[1])
+    m4 = mask.expand(B, H, L, S) if mask is not None else None  # the op takes the broadcast view
+    out, lse = torch.ops.effattn.fwd(q, k, v, m4, kl, ql, scale, causal, window[0], window[1])
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     kw = dict(is_causal=causal, enable_gqa=Hkv != H, key_lengths=kl, query_lengths=ql,
               window=tuple(None if w < 0 else w for w in window), return_lse=True, attn_mask=mask)
