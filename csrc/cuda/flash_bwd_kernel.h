@@ -68,11 +68,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + Traits::kSmemK;
-  T* sQ = sV + Traits::kSmemV;
-  T* sdO = sQ + Traits::kSmemQ;
-  T* sdS = sdO + Traits::kSmemDo;
+  T* sQ = sV + Traits::kSmemV;                       // stage s at sQ + s * kSmemQ
+  T* sdO = sQ + Traits::kStages * Traits::kSmemQ;     // stage s at sdO + s * kSmemDo
+  T* sdS = sdO + Traits::kStages * Traits::kSmemDo;
   float* sLse = reinterpret_cast<float*>(sdS + Traits::kSmemDs);  // lse in log2 units, +inf: empty row
-  float* sDelta = sLse + kBM;
+  float* sDelta = sLse + Traits::kStages * kBM;                   // stage s at + s * kBM
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;
@@ -101,19 +101,22 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_dk[j][e] = acc_dv[j][e] = 0.f;
 
-  auto load_q_do = [&](int it) {
+  auto load_q_do = [&](int it) {  // into stage it % 2
     const int h = hk * group + it / num_mb, m0 = (mb_lo + it % num_mb) * kBM;
+    const int stage = it & 1;
+    T* sQ_s = sQ + stage * Traits::kSmemQ;
+    T* sdO_s = sdO + stage * Traits::kSmemDo;
     const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head + m0 * p.q_strides.row;
     const T* d = static_cast<const T*>(p.dout) + b * p.do_strides.batch + h * p.do_strides.head +
                  m0 * p.do_strides.row;
-    load_tile<T, kBM, kD, kStride, kNT>(sQ, q, p.q_strides.row, vis.l_eff - m0, E, aligned, tid);
-    load_tile<T, kBM, kD, kStride, kNT>(sdO, d, p.do_strides.row, vis.l_eff - m0, Ev, aligned, tid);
+    load_tile<T, kBM, kD, kStride, kNT>(sQ_s, q, p.q_strides.row, vis.l_eff - m0, E, aligned, tid);
+    load_tile<T, kBM, kD, kStride, kNT>(sdO_s, d, p.do_strides.row, vis.l_eff - m0, Ev, aligned, tid);
     if (tid < kBM) {  // rows past L read nothing: zeros (their tiles are masked)
       const int64_t row = (int64_t(b) * p.heads_q + h) * L + m0 + tid;
       const bool ok = m0 + tid < L;
       const float* delta = static_cast<const float*>(p.delta);
-      cp_async_4(smem_addr(sLse + tid), ok ? delta + p.batch * p.heads_q * L + row : delta, ok);
-      cp_async_4(smem_addr(sDelta + tid), ok ? delta + row : delta, ok);
+      cp_async_4(smem_addr(sLse + stage * kBM + tid), ok ? delta + p.batch * p.heads_q * L + row : delta, ok);
+      cp_async_4(smem_addr(sDelta + stage * kBM + tid), ok ? delta + row : delta, ok);
     }
     cp_async_commit();
   };
@@ -146,7 +149,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     const int h = hk * group + it / num_mb, m0 = (mb_lo + it % num_mb) * kBM;
     const int64_t bh = int64_t(b) * p.heads_q + h;
     cp_async_wait<0>();
-    __syncthreads();  // Q, dO, lse, delta (and K, V) landed
+    __syncthreads();  // this step's Q, dO, lse, delta (and K, V) landed; the last step is done
+    if (it + 1 < num_iters) load_q_do(it + 1);  // the other stage: overlaps this whole step
+    // This step's stage: byte offsets for the ldmatrix addresses, pointers for lse/delta.
+    const int stage = it & 1;
+    const uint32_t q_off = stage * Traits::kSmemQ * sizeof(T), do_off = stage * Traits::kSmemDo * sizeof(T);
+    const float* sLse_s = sLse + stage * kBM;
+    const float* sDelta_s = sDelta + stage * kBM;
 
     // ---- S^T = K @ Q^T (this warp's 16 keys x kBM queries) ---------------
     float ps[kNTilesQ][4];  // S^T, then P^T, then dS^T
@@ -161,7 +170,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #pragma unroll
       for (int mp = 0; mp < kBM / 16; ++mp) {
         uint32_t bq[4];
-        ldmatrix_x4(bq, sQ_b + (mp * 16 * kStride + kk * 16) * sizeof(T));
+        ldmatrix_x4(bq, sQ_b + q_off + (mp * 16 * kStride + kk * 16) * sizeof(T));
         mma_16816<T>(ps[2 * mp], a, bq[0], bq[1]);
         mma_16816<T>(ps[2 * mp + 1], a, bq[2], bq[3]);
       }
@@ -183,7 +192,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
           if (ok && dmask.base != nullptr) bias = dmask.bias_log2(i, jj, &ok);
           s = ok ? s + bias : -INFINITY;
         }
-        ps[j][e] = exp2f(s - sLse[ql]);
+        ps[j][e] = exp2f(s - sLse_s[ql]);
       }
 
     // ---- dV += P^T @ dO -----------------------------------------------------
@@ -195,7 +204,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #pragma unroll
       for (int dp = 0; dp < kD / 16; ++dp) {
         uint32_t bd[4];
-        ldmatrix_x4_trans(bd, sdO_bt + (kk * 16 * kStride + dp * 16) * sizeof(T));
+        ldmatrix_x4_trans(bd, sdO_bt + do_off + (kk * 16 * kStride + dp * 16) * sizeof(T));
         mma_16816<T>(acc_dv[2 * dp], a, bd[0], bd[1]);
         mma_16816<T>(acc_dv[2 * dp + 1], a, bd[2], bd[3]);
       }
@@ -215,7 +224,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #pragma unroll
         for (int mp = 0; mp < kBM / 16; ++mp) {
           uint32_t bd[4];
-          ldmatrix_x4(bd, sdO_b + (mp * 16 * kStride + kk * 16) * sizeof(T));
+          ldmatrix_x4(bd, sdO_b + do_off + (mp * 16 * kStride + kk * 16) * sizeof(T));
           mma_16816<T>(dp_acc[2 * mp], a, bd[0], bd[1]);
           mma_16816<T>(dp_acc[2 * mp + 1], a, bd[2], bd[3]);
         }
@@ -223,7 +232,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #pragma unroll
       for (int j = 0; j < kNTilesQ; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) ps[j][e] *= dp_acc[j][e] - sDelta[j * 8 + 2 * t + (e & 1)];
+        for (int e = 0; e < 4; ++e) ps[j][e] *= dp_acc[j][e] - sDelta_s[j * 8 + 2 * t + (e & 1)];
     }
 
     // ---- dK += dS^T @ Q; dS^T to shared memory for dQ ----------------------
@@ -239,13 +248,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #pragma unroll
       for (int dp = 0; dp < kD / 16; ++dp) {
         uint32_t bq[4];
-        ldmatrix_x4_trans(bq, sQ_bt + (kk * 16 * kStride + dp * 16) * sizeof(T));
+        ldmatrix_x4_trans(bq, sQ_bt + q_off + (kk * 16 * kStride + dp * 16) * sizeof(T));
         mma_16816<T>(acc_dk[2 * dp], a, bq[0], bq[1]);
         mma_16816<T>(acc_dk[2 * dp + 1], a, bq[2], bq[3]);
       }
     }
-    __syncthreads();  // dS^T complete; every warp is done with Q and dO
-    if (it + 1 < num_iters) load_q_do(it + 1);  // overlaps the dQ step below
+    __syncthreads();  // dS^T complete
 
     // ---- dQ += dS @ K (float atomics; scaled at conversion) ----------------
     {

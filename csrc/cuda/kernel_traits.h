@@ -67,10 +67,14 @@ struct BwdTraits {
   static constexpr int kWarpsD = kNWarps / kWarpsM;
   static constexpr int kDqCols = kHeadDim / kWarpsD;
   static constexpr int kSmemK = kBlockN * kStride, kSmemV = kBlockN * kStride;
-  static constexpr int kSmemQ = kBlockM * kStride, kSmemDo = kBlockM * kStride;
+  // Q, dO (and their rows' lse, delta) are double-buffered: the next query
+  // tile loads during a whole step.
+  static constexpr int kStages = 2;
+  static constexpr int kSmemQ = kBlockM * kStride, kSmemDo = kBlockM * kStride;  // per stage
   static constexpr int kSmemDs = kBlockN * kStrideDs;
   static constexpr size_t kSmemBytes =
-      size_t(kSmemK + kSmemV + kSmemQ + kSmemDo + kSmemDs) * sizeof(T) + 2 * kBlockM * sizeof(float);
+      size_t(kSmemK + kSmemV + kStages * (kSmemQ + kSmemDo) + kSmemDs) * sizeof(T) +
+      kStages * 2 * kBlockM * sizeof(float);
 
   static_assert(kBlockN == 16 * kNWarps, "each warp owns 16 keys");
   static_assert(kHeadDim % 32 == 0 && kBlockM % 16 == 0, "16-wide k-steps, pairs of 8-wide n-tiles");
