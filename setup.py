@@ -7,6 +7,8 @@ All C++/CUDA code uses only PyTorch's stable ABI and is compiled for torch 2.10
 Environment:
   EFFATTN_CPU_ONLY=1       skip the CUDA sources even if nvcc is there
   TORCH_CUDA_ARCH_LIST     architectures for the CUDA sources (default "8.0;8.6;8.9;9.0")
+  EFFATTN_CUDA_HEAD_DIMS   CUDA kernel head dims to compile, e.g. "64;128" (default: all of
+                           32;64;96;128;192;256); other head dims run on the next larger one
   DEBUG=1                  -O0 -g
   MAX_JOBS                 parallel compile jobs (ninja)
 """
@@ -40,6 +42,16 @@ def extension():
     cxx += ["-std=c++17", "-fvisibility=hidden", "-fno-trapping-math", "-ffp-contract=fast", TORCH_TARGET, "-DEFFATTN_PYTHON_MODULE"]
     sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
     cuda_sources = rel("csrc/cuda/**/*.cu") + rel("csrc/cuda/**/*.cpp")
+    # One generated file per (direction, dtype, head dim) kernel: keep the selected head dims.
+    head_dims = os.environ.get("EFFATTN_CUDA_HEAD_DIMS", "").replace(",", ";").split(";")
+    head_dims = [d.strip() for d in head_dims if d.strip()]
+    if any(d not in ("32", "64", "96", "128", "192", "256") for d in head_dims):
+        raise ValueError(f"EFFATTN_CUDA_HEAD_DIMS: choose among 32;64;96;128;192;256, got {head_dims}")
+    cuda_defines = []
+    if head_dims:
+        cuda_sources = [s for s in cuda_sources if "instantiations" not in s
+                        or any(f"_hdim{d}_" in s for d in head_dims)]
+        cuda_defines = ["-DEFFATTN_CUDA_SELECTED_HDIMS"] + [f"-DEFFATTN_CUDA_HDIM_{d}" for d in head_dims]
     use_cuda = bool(cuda_sources) and CUDA_HOME is not None and os.environ.get("EFFATTN_CPU_ONLY", "0") != "1"
     common = dict(name="effattn._C", include_dirs=[os.path.join(ROOT, "csrc")], py_limited_api=True)
     if not use_cuda:
@@ -47,7 +59,7 @@ def extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
     nvcc = (["-O0", "-g", "-lineinfo"] if DEBUG else ["-O3", "-lineinfo"]) + [
         "-std=c++17", TORCH_TARGET, "--use_fast_math", "--expt-relaxed-constexpr",
-    ]
+    ] + cuda_defines
     return CUDAExtension(
         sources=sources + cuda_sources,
         extra_compile_args={"cxx": cxx + ["-DEFFATTN_WITH_CUDA"], "nvcc": nvcc},

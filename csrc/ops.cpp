@@ -22,7 +22,20 @@ STABLE_TORCH_LIBRARY(effattn, m) {
   // Which CPU kernel variant runs here: 0 baseline, 1 avx2, 2 avx512, 3 avx2_wide
   // (csrc/cpu/kernels.h; EFFATTN_CPU_ISA in the environment narrows it).
   m.def("cpu_isa() -> int");
+  // Which CUDA kernels this build holds: 0 when built without CUDA, else a bit
+  // per (direction, dtype, head dim) (csrc/cuda/api.h, compiled_variants).
+  m.def("cuda_variants() -> int");
 }
+
+#ifndef EFFATTN_WITH_CUDA
+namespace {
+int64_t no_cuda_variants() { return 0; }
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(effattn, CompositeExplicitAutograd, m) {
+  m.impl("cuda_variants", TORCH_BOX(&no_cuda_variants));
+}
+#endif
 
 #ifdef EFFATTN_PYTHON_MODULE
 // effattn._C is only a loader: importing it runs the registrations above.

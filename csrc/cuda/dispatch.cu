@@ -1,0 +1,134 @@
+// (dtype, head dim) -> the generated instantiation. A build may compile only
+// some head dims (setup.py: EFFATTN_CUDA_HEAD_DIMS defines
+// EFFATTN_CUDA_SELECTED_HDIMS and one EFFATTN_CUDA_HDIM_<D> per dim); calls
+// then go to the smallest compiled tile that holds the head dim.
+#include "api.h"
+#include "launch_templates.h"
+
+#ifndef EFFATTN_CUDA_SELECTED_HDIMS  // default: every head dim
+#define EFFATTN_CUDA_HDIM_32
+#define EFFATTN_CUDA_HDIM_64
+#define EFFATTN_CUDA_HDIM_96
+#define EFFATTN_CUDA_HDIM_128
+#define EFFATTN_CUDA_HDIM_192
+#define EFFATTN_CUDA_HDIM_256
+#endif
+
+namespace effattn {
+namespace cuda {
+namespace {
+
+constexpr int kHeadDims[] = {32, 64, 96, 128, 192, 256};
+
+bool fwd_compiled(int d) {
+  switch (d) {
+#ifdef EFFATTN_CUDA_HDIM_32
+    case 32: return true;
+#endif
+#ifdef EFFATTN_CUDA_HDIM_64
+    case 64: return true;
+#endif
+#ifdef EFFATTN_CUDA_HDIM_96
+    case 96: return true;
+#endif
+#ifdef EFFATTN_CUDA_HDIM_128
+    case 128: return true;
+#endif
+#ifdef EFFATTN_CUDA_HDIM_192
+    case 192: return true;
+#endif
+#ifdef EFFATTN_CUDA_HDIM_256
+    case 256: return true;
+#endif
+    default: return false;
+  }
+}
+
+bool bwd_compiled(int d) { return d <= 128 && fwd_compiled(d); }
+
+template <typename T>
+cudaError_t fwd_for(int d, const FwdParams& p, bool aligned, cudaStream_t s) {
+  switch (d) {
+#ifdef EFFATTN_CUDA_HDIM_32
+    case 32: return run_fwd_<T, 32>(p, aligned, s);
+#endif
+#ifdef EFFATTN_CUDA_HDIM_64
+    case 64: return run_fwd_<T, 64>(p, aligned, s);
+#endif
+#ifdef EFFATTN_CUDA_HDIM_96
+    case 96: return run_fwd_<T, 96>(p, aligned, s);
+#endif
+#ifdef EFFATTN_CUDA_HDIM_128
+    case 128: return run_fwd_<T, 128>(p, aligned, s);
+#endif
+#ifdef EFFATTN_CUDA_HDIM_192
+    case 192: return run_fwd_<T, 192>(p, aligned, s);
+#endif
+#ifdef EFFATTN_CUDA_HDIM_256
+    case 256: return run_fwd_<T, 256>(p, aligned, s);
+#endif
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t bwd_for(int d, const BwdParams& p, bool aligned, cudaStream_t s) {
+  switch (d) {
+#ifdef EFFATTN_CUDA_HDIM_32
+    case 32: return run_bwd_<T, 32>(p, aligned, s);
+#endif
+#ifdef EFFATTN_CUDA_HDIM_64
+    case 64: return run_bwd_<T, 64>(p, aligned, s);
+#endif
+#ifdef EFFATTN_CUDA_HDIM_96
+    case 96: return run_bwd_<T, 96>(p, aligned, s);
+#endif
+#ifdef EFFATTN_CUDA_HDIM_128
+    case 128: return run_bwd_<T, 128>(p, aligned, s);
+#endif
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+int smallest(bool (*compiled)(int), int64_t e, int64_t ev) {
+  const int64_t need = e > ev ? e : ev;
+  for (int d : kHeadDims)
+    if (d >= need && compiled(d)) return d;
+  return 0;
+}
+
+const char* message(cudaError_t err) { return err == cudaSuccess ? nullptr : cudaGetErrorString(err); }
+
+}  // namespace
+
+int fwd_head_dim(DType, int64_t e, int64_t ev) { return smallest(fwd_compiled, e, ev); }
+int bwd_head_dim(DType, int64_t e, int64_t ev) { return smallest(bwd_compiled, e, ev); }
+
+int64_t compiled_variants() {
+  int64_t bits = 0;
+  for (int dt = 0; dt < 2; ++dt)
+    for (int i = 0; i < 6; ++i) {
+      if (fwd_compiled(kHeadDims[i])) bits |= int64_t(1) << (8 * dt + i);
+      if (bwd_compiled(kHeadDims[i])) bits |= int64_t(1) << (16 + 8 * dt + i);
+    }
+  return bits;
+}
+
+const char* run_fwd(const FwdParams& p, DType dtype, bool aligned, void* stream) {
+  const int d = fwd_head_dim(dtype, p.head_dim, p.head_dim_v);
+  if (d == 0) return "no compiled forward kernel serves this head dim";
+  auto s = static_cast<cudaStream_t>(stream);
+  return message(dtype == DType::kHalf ? fwd_for<__half>(d, p, aligned, s)
+                                       : fwd_for<__nv_bfloat16>(d, p, aligned, s));
+}
+
+const char* run_bwd(const BwdParams& p, DType dtype, bool aligned, void* stream) {
+  const int d = bwd_head_dim(dtype, p.head_dim, p.head_dim_v);
+  if (d == 0) return "no compiled backward kernel serves this head dim (the backward supports head dims up to 128)";
+  auto s = static_cast<cudaStream_t>(stream);
+  return message(dtype == DType::kHalf ? bwd_for<__half>(d, p, aligned, s)
+                                       : bwd_for<__nv_bfloat16>(d, p, aligned, s));
+}
+
+}  // namespace cuda
+}  // namespace effattn

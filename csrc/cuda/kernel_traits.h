@@ -1,0 +1,98 @@
+// Tile shapes per head dimension, forward and backward. One struct per kernel
+// family; every number has its reason next to it, and static_asserts keep the
+// kernels' assumptions (a warp owns 16 rows; loads split evenly over threads).
+#pragma once
+
+#include <cstddef>
+
+namespace effattn {
+namespace cuda {
+
+// Shared-memory rows are padded by 8 elements (16 bytes): the 8 row addresses
+// of an ldmatrix then start in 8 different 4-bank groups (no bank conflicts),
+// while every row stays 16-byte aligned for cp.async.
+constexpr int kSmemPad = 8;
+
+template <typename T_, int kHeadDim_, int kMTiles_, int kBlockN_, int kNWarps_>
+struct FwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;  // padded head dim: E and Ev are <= it
+  // Each warp owns kMTiles x 16 query rows: every K/V fragment it reads from
+  // shared memory then feeds kMTiles MMAs (shared-memory traffic per FLOP / kMTiles).
+  static constexpr int kMTiles = kMTiles_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kBlockM = 16 * kMTiles * kNWarps;  // query rows per block
+  static constexpr int kBlockN = kBlockN_;                // keys per inner-loop step
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kStride = kHeadDim + kSmemPad;
+  static constexpr int kSmemQ = kBlockM * kStride;
+  static constexpr int kSmemK = kBlockN * kStride;
+  static constexpr int kSmemV = kBlockN * kStride;
+  static constexpr size_t kSmemBytes = size_t(kSmemQ + kSmemK + kSmemV) * sizeof(T);
+
+  static_assert(kMTiles == 1 || kMTiles == 2, "a warp owns 16 or 32 query rows");
+  static_assert(kHeadDim % 32 == 0, "head dim tiles: 16-wide k-steps, pairs of 8-wide n-tiles");
+  static_assert(kBlockN % 16 == 0, "keys come in 16-wide k-steps of the P @ V MMA");
+  static_assert((kBlockN * kHeadDim / 8) % kNThreads == 0, "K/V tile loads split evenly over threads");
+  static_assert((kBlockM * kHeadDim / 8) % kNThreads == 0, "Q tile loads split evenly over threads");
+};
+
+// Forward tiles, as FlashAttention-2 on sm_80/sm_90: 128 query rows per block
+// (each K/V tile read from L2 serves 128 queries) as 4 warps of 32 rows. The
+// float accumulators are 32 x D (O) plus 32 x kBlockN (S) per warp: D <= 64
+// takes 64-key steps, 96/128 take 32 keys (64-key steps spill registers
+// there, ptxas -v for sm_90: 128 and 732 bytes). Past 128, O alone needs
+// 96-128 registers at 16 rows: 64-row blocks of 4 warps x 16 rows, narrower
+// key steps at 256.
+template <typename T, int D> struct FwdConfig;
+template <typename T> struct FwdConfig<T, 32> { using Traits = FwdTraits<T, 32, 2, 64, 4>; };
+template <typename T> struct FwdConfig<T, 64> { using Traits = FwdTraits<T, 64, 2, 64, 4>; };
+template <typename T> struct FwdConfig<T, 96> { using Traits = FwdTraits<T, 96, 2, 32, 4>; };
+template <typename T> struct FwdConfig<T, 128> { using Traits = FwdTraits<T, 128, 2, 32, 4>; };
+template <typename T> struct FwdConfig<T, 192> { using Traits = FwdTraits<T, 192, 1, 64, 4>; };
+template <typename T> struct FwdConfig<T, 256> { using Traits = FwdTraits<T, 256, 1, 32, 4>; };
+
+template <typename T_, int kHeadDim_, int kBlockN_, int kBlockM_, int kNWarps_>
+struct BwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockN = kBlockN_;  // keys per block: dK, dV accumulate in registers
+  static constexpr int kBlockM = kBlockM_;  // query rows per inner-loop step
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kStride = kHeadDim + kSmemPad;
+  static constexpr int kStrideDs = kBlockM + kSmemPad;  // dS^T tile (keys x queries)
+  // dQ = dS @ K: warps split the query rows in 16-row groups, then the columns.
+  static constexpr int kWarpsM = kBlockM / 16;
+  static constexpr int kWarpsD = kNWarps / kWarpsM;
+  static constexpr int kDqCols = kHeadDim / kWarpsD;
+  static constexpr int kSmemK = kBlockN * kStride, kSmemV = kBlockN * kStride;
+  // Q, dO (and their rows' lse, delta) are double-buffered: the next query
+  // tile loads during a whole step.
+  static constexpr int kStages = 2;
+  static constexpr int kSmemQ = kBlockM * kStride, kSmemDo = kBlockM * kStride;  // per stage
+  static constexpr int kSmemDs = kBlockN * kStrideDs;
+  static constexpr size_t kSmemBytes =
+      size_t(kSmemK + kSmemV + kStages * (kSmemQ + kSmemDo) + kSmemDs) * sizeof(T) +
+      kStages * 2 * kBlockM * sizeof(float);
+
+  static_assert(kBlockN == 16 * kNWarps, "each warp owns 16 keys");
+  static_assert(kHeadDim % 32 == 0 && kBlockM % 16 == 0, "16-wide k-steps, pairs of 8-wide n-tiles");
+  static_assert(kNWarps % kWarpsM == 0 && kDqCols % 16 == 0, "dQ work splits evenly over warps");
+  static_assert((kBlockM * kHeadDim / 8) % kNThreads == 0, "Q/dO tile loads split evenly over threads");
+  static_assert((kBlockN * kHeadDim / 8) % kNThreads == 0, "K/V tile loads split evenly over threads");
+  static_assert(kBlockM <= kNThreads, "one thread per query row loads lse and delta");
+};
+
+// Backward tiles: a warp's 16 keys keep dK and dV (16 x D floats each) in
+// registers, so D <= 128. 64 queries per step keeps S^T and dP^T at 32
+// registers each. 128 keys (8 warps) per block: every dQ element then takes
+// one float atomic per 128 keys, and the atomics are what limit this kernel.
+template <typename T, int D> struct BwdConfig;
+template <typename T> struct BwdConfig<T, 32> { using Traits = BwdTraits<T, 32, 128, 64, 8>; };
+template <typename T> struct BwdConfig<T, 64> { using Traits = BwdTraits<T, 64, 128, 64, 8>; };
+template <typename T> struct BwdConfig<T, 96> { using Traits = BwdTraits<T, 96, 128, 64, 8>; };
+template <typename T> struct BwdConfig<T, 128> { using Traits = BwdTraits<T, 128, 128, 64, 8>; };
+
+}  // namespace cuda
+}  // namespace effattn

@@ -1,0 +1,85 @@
+"""The CUDA C++ kernels (csrc/cuda): a FlashAttention-2-style forward and
+recompute backward on tensor cores (mma.sync m16n8k16, compute capability 8.0+),
+float16 and bfloat16, head dims up to 256 (backward up to 128)."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from .. import ops
+from .base import Backend
+
+# Kernel tile widths; other head dims run on the next larger one (zero-padded).
+HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+_DTYPE_INDEX = {torch.float16: 0, torch.bfloat16: 1}
+
+
+def compiled_variants() -> int:
+    """Bits of effattn::cuda_variants (csrc/cuda/api.h): 0 without CUDA kernels."""
+    if ops.LOAD_ERROR:
+        return 0
+    try:
+        return int(torch.ops.effattn.cuda_variants())
+    except (AttributeError, RuntimeError):  # an older build without the op
+        return 0
+
+
+def kernel_head_dim(dtype: torch.dtype, head_dim: int, backward: bool = False) -> int:
+    """The kernel tile width that serves this head dim (0: none compiled)."""
+    bits = compiled_variants()
+    for i, d in enumerate(HEAD_DIMS):
+        if d >= head_dim and bits >> ((16 if backward else 0) + 8 * _DTYPE_INDEX[dtype] + i) & 1:
+            return d
+    return 0
+
+
+def _needs_backward(spec) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (spec.q, spec.k, spec.v))
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    devices = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16)
+
+    def unavailable_reasons(self) -> List[str]:
+        if ops.LOAD_ERROR:
+            return [ops.LOAD_ERROR]
+        if compiled_variants() == 0:
+            return ["effattn was built without its CUDA kernels (no CUDA toolkit at build time, "
+                    "or EFFATTN_CPU_ONLY=1)"]
+        if not torch.cuda.is_available():
+            return ["no CUDA GPU is available"]
+        if not any(torch.cuda.get_device_capability(i) >= (8, 0) for i in range(torch.cuda.device_count())):
+            return ["needs a GPU of compute capability 8.0 or newer (Ampere, Ada, Hopper)"]
+        return []
+
+    def not_supported_reasons(self, spec) -> List[str]:
+        reasons = super().not_supported_reasons(spec)
+        if spec.device.type != "cuda":
+            return reasons
+        cap = torch.cuda.get_device_capability(spec.device)
+        if cap < (8, 0):
+            reasons.append(f"needs compute capability 8.0 or newer, {spec.device} has {cap[0]}.{cap[1]}")
+        E, Ev = spec.q.shape[-1], spec.v.shape[-1]
+        need = max(E, Ev)
+        if spec.dtype in _DTYPE_INDEX:
+            if need > HEAD_DIMS[-1]:
+                reasons.append(f"supports head dims up to {HEAD_DIMS[-1]}, got {need}")
+            elif kernel_head_dim(spec.dtype, need) == 0:
+                reasons.append(f"this build has no CUDA kernel for head dim {need} "
+                               "(EFFATTN_CUDA_HEAD_DIMS at build time)")
+            elif _needs_backward(spec) and kernel_head_dim(spec.dtype, need, backward=True) == 0:
+                reasons.append(f"the backward supports head dims up to 128, got {need} "
+                               "(inputs require grad)")
+        if spec.dropout_p > 0.0:
+            reasons.append("does not implement dropout")
+        if spec.q.shape[0] > 65535 or spec.heads_q > 65535:
+            reasons.append("supports batch and heads up to 65535 each")
+        if max(spec.seqlen_q, spec.seqlen_k) >= 1 << 30:
+            reasons.append("supports sequence lengths below 2**30")
+        return reasons
+
+    def forward(self, spec):
+        return ops.fwd(spec)

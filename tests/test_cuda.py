@@ -1,0 +1,230 @@
+"""The CUDA C++ backend (csrc/cuda) against the float64 oracle, forward and
+gradients. Needs a CUDA GPU of compute capability 8.0+ and an effattn built
+with its CUDA kernels; every test skips, saying why, otherwise.
+
+Inputs are drawn on the CPU (same generator as conftest.make_qkv), moved to
+the GPU in the test dtype and laid out there (a CPU -> GPU copy would make a
+strided tensor contiguous). The oracle is reference.attention in float64 on
+the CPU; the bound is conftest's: 2 x the error of the same-precision
+reference math (run on the GPU) + a rounding floor.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_bound
+from effattn import reference
+from effattn.backends.cuda import CudaBackend, kernel_head_dim
+from effattn.spec import make_spec
+
+BACKEND = CudaBackend()
+_UNAVAILABLE = BACKEND.unavailable_reasons()
+pytestmark = pytest.mark.skipif(bool(_UNAVAILABLE), reason="cuda backend: " + "; ".join(_UNAVAILABLE))
+
+DTYPES = [torch.float16, torch.bfloat16]
+DT_IDS = ["fp16", "bf16"]
+
+
+def cuda_attention(q, k, v, return_lse=False, **kw):
+    """effattn's attention through the cuda backend (declared able to serve it)."""
+    spec = make_spec(q, k, v, kw.pop("attn_mask", None), 0.0, kw.pop("is_causal", False), kw.pop("scale", None),
+                     kw.pop("enable_gqa", False), **kw)
+    reasons = BACKEND.reasons(spec)
+    assert not reasons, reasons
+    out, lse = BACKEND.forward(spec)
+    out = spec.to_caller_shape(out)
+    return (out, spec.to_caller_shape(lse)) if return_lse else out
+
+
+def make_inputs(B=2, Hq=4, Hkv=None, L=97, S=97, E=64, Ev=None, dtype=torch.bfloat16, layout="bhle", seed=0):
+    """q, k, v as leaf tensors on the GPU in the given layout.
+
+    "bhle" contiguous; "blhe" (B, L, H, E) memory seen as (B, H, L, E);
+    "padded": rows of E + 8 elements (16-byte aligned, cp.async path);
+    "strided": rows of E + 5 starting 2 elements in (unaligned: element loads);
+    "bcast": k, v of batch 1 expanded over B (batch stride 0; grads summed).
+    """
+    g = torch.Generator().manual_seed(seed)
+    Hkv = Hkv or Hq
+    Ev = Ev or E
+
+    def one(H, N, D, bcast=False):
+        if layout == "blhe":
+            t = torch.randn(B, N, H, D, generator=g).to("cuda", dtype).transpose(1, 2)
+        elif layout == "padded":
+            t = torch.randn(B, H, N, D + 8, generator=g).to("cuda", dtype)[..., :D]
+        elif layout == "strided":
+            t = torch.randn(B, H, N, D + 5, generator=g).to("cuda", dtype)[..., 2:D + 2]
+        elif bcast:
+            leaf = torch.randn(1, H, N, D, generator=g).to("cuda", dtype).requires_grad_(True)
+            return leaf, leaf.expand(B, H, N, D)
+        else:
+            t = torch.randn(B, H, N, D, generator=g).to("cuda", dtype)
+        t.requires_grad_(True)
+        return t, t
+
+    q, qv = one(Hq, L, E)
+    k, kv = one(Hkv, S, E, bcast=layout == "bcast")
+    v, vv = one(Hkv, S, Ev, bcast=layout == "bcast")
+    return (q, k, v), (qv, kv, vv)
+
+
+def _to(kw, device):
+    return {n: (x.to(device) if isinstance(x, torch.Tensor) else x) for n, x in kw.items()}
+
+
+def check(leaves, views=None, grads=True, return_lse=False, **kw):
+    """cuda backend vs the float64 CPU oracle (out, lse, dq, dk, dv)."""
+    views = views or leaves
+    dtype = leaves[0].dtype
+    kw = _to(kw, "cuda")
+    # oracle: float64 on the CPU, same ops on views of float64 leaves
+    l64 = [t.detach().cpu().double().requires_grad_(True) for t in leaves]
+    v64 = [l64[i].expand(views[i].shape) for i in range(3)]
+    kw64 = _to(kw, "cpu")
+    if kw64.get("attn_mask") is not None and kw64["attn_mask"].dtype != torch.bool:
+        kw64["attn_mask"] = kw64["attn_mask"].double()
+    ref = reference.attention(*v64, compute_dtype=torch.float64, return_lse=True, **kw64)
+    # same-precision reference math, on the GPU
+    lp = [t.detach().clone().requires_grad_(True) for t in leaves]
+    vp = [lp[i].expand(views[i].shape) for i in range(3)]
+    pt = reference.attention(*vp, return_lse=True, **kw)
+    out, lse = cuda_attention(*views, return_lse=True, **kw)
+
+    assert out.dtype == dtype and out.shape == ref[0].shape and out.is_cuda
+    assert torch.isfinite(out).all(), "non-finite output"
+    assert_bound("out", out.cpu(), pt[0].cpu(), ref[0], dtype)
+    assert lse.dtype == torch.float32
+    finite = torch.isfinite(ref[1])
+    assert torch.equal(torch.isfinite(lse).cpu(), finite), "lse: -inf exactly where no key is visible"
+    assert (lse.cpu()[~finite] == float("-inf")).all()
+    assert_bound("lse", lse.cpu()[finite], pt[1].float().cpu()[finite], ref[1][finite], torch.float16)
+    if not grads:
+        return out
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    gl = torch.randn(lse.shape, generator=torch.Generator().manual_seed(2)) if return_lse else None
+    torch.autograd.backward([ref[0]] + ([ref[1]] if return_lse else []),
+                            [g.double()] + ([gl.double()] if return_lse else []))
+    for o, gc in ((pt, "cuda"), ((out, lse), "cuda")):
+        torch.autograd.backward([o[0]] + ([o[1]] if return_lse else []),
+                                [g.to(gc, dtype)] + ([gl.to(gc)] if return_lse else []))
+    for name, t, tp, t64 in zip(("dq", "dk", "dv"), leaves, lp, l64):
+        assert t.grad is not None and torch.isfinite(t.grad).all(), f"{name}: missing or non-finite"
+        assert_bound(name, t.grad.cpu(), tp.grad.cpu(), t64.grad, dtype)
+    return out
+
+
+# ---- sizes and head dims --------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("L,S", [(1, 1), (1, 97), (97, 1), (97, 97), (97, 1025), (1025, 97), (1025, 1025)])
+def test_lengths(L, S, dtype):
+    check(*make_inputs(B=1, Hq=2, L=L, S=S, E=64, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("E", [16, 32, 40, 64, 72, 96, 128, 160, 192, 256])
+def test_head_dims(E, dtype):
+    # The backward serves head dims up to 128; larger ones are forward-only here
+    # (the backend declares it, so autograd calls go elsewhere).
+    grads = kernel_head_dim(dtype, E, backward=True) != 0
+    leaves, views = make_inputs(B=2, Hq=2, L=130, S=200, E=E, dtype=dtype)
+    if not grads:
+        with torch.no_grad():
+            check(leaves, views, grads=False)
+        spec = make_spec(*views)
+        assert any("backward" in r for r in BACKEND.not_supported_reasons(spec))
+    else:
+        check(leaves, views)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_value_head_dim_differs(dtype):
+    check(*make_inputs(B=2, Hq=2, L=77, S=140, E=64, Ev=32, dtype=dtype))
+
+
+# ---- structure: causal, window, lengths ----------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("L,S", [(200, 200), (130, 300), (300, 130), (1, 64)])
+def test_causal(L, S, dtype):
+    check(*make_inputs(B=2, Hq=2, L=L, S=S, E=64, dtype=dtype), is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("window", [(16, 0), (0, 0), (100, 5), (None, 40), (3, None)])
+def test_window(window, dtype):
+    check(*make_inputs(B=2, Hq=2, L=300, S=260, E=64, dtype=dtype), window=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_window_causal(dtype):
+    check(*make_inputs(B=1, Hq=2, L=300, S=300, E=128, dtype=dtype), window=(50, None), is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_lengths_masks(dtype):
+    kl = torch.tensor([200, 0, 1, 129])
+    ql = torch.tensor([150, 70, 0, 200])
+    check(*make_inputs(B=4, Hq=2, L=200, S=200, E=64, dtype=dtype), key_lengths=kl, query_lengths=ql)
+    check(*make_inputs(B=4, Hq=2, L=200, S=200, E=128, dtype=dtype, seed=3), key_lengths=kl,
+          is_causal=True)
+
+
+# ---- heads and layouts -------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("Hq,Hkv", [(8, 2), (6, 1), (4, 4)])
+def test_gqa(Hq, Hkv, dtype):
+    check(*make_inputs(B=2, Hq=Hq, Hkv=Hkv, L=150, S=170, E=64, dtype=dtype), enable_gqa=True,
+          is_causal=Hq == 8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("layout", ["blhe", "padded", "strided", "bcast"])
+def test_layouts(layout, dtype):
+    check(*make_inputs(B=3, Hq=2, L=140, S=90, E=64 if layout != "strided" else 40, dtype=dtype,
+                       layout=layout))
+
+
+# ---- dense masks, lse gradient, empty rows ------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("kind", ["bool", "float32", "same", "bool_bcast"])
+def test_dense_mask(kind, dtype):
+    leaves, views = make_inputs(B=2, Hq=2, L=100, S=150, E=64, dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    if kind == "bool":
+        mask = torch.rand(2, 2, 100, 150, generator=g) > 0.3
+        mask[0, 0, 7] = False  # a row that sees nothing
+    elif kind == "bool_bcast":
+        mask = torch.rand(1, 1, 1, 150, generator=g) > 0.5  # key padding, every dim broadcast
+    else:
+        mask = torch.randn(2, 1, 100, 150, generator=g)
+        mask[1, 0, 3] = float("-inf")
+        mask = mask.to(torch.float32 if kind == "float32" else dtype)
+    check(leaves, views, attn_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_lse_gradient(dtype):
+    check(*make_inputs(B=2, Hq=2, L=120, S=70, E=64, dtype=dtype), return_lse=True, is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_fully_masked_rows_are_zero(dtype):
+    (q, k, v), _ = make_inputs(B=2, Hq=2, L=64, S=64, E=64, dtype=dtype)
+    kl = torch.tensor([0, 64], device="cuda")
+    out, lse = cuda_attention(q, k, v, return_lse=True, key_lengths=kl)
+    assert (out[0] == 0).all() and (lse[0] == float("-inf")).all()
+    out.sum().backward()
+    assert (k.grad[0] == 0).all() and (v.grad[0] == 0).all() and (q.grad[0] == 0).all()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_declares_unsupported():
+    q = torch.randn(1, 1, 8, 320, device="cuda", dtype=torch.bfloat16)
+    assert any("head dims up to 256" in r for r in BACKEND.not_supported_reasons(make_spec(q, q, q)))
+    q = torch.randn(1, 1, 8, 64, device="cuda")
+    assert any("float32" in r for r in BACKEND.not_supported_reasons(make_spec(q, q, q)))
