@@ -18,12 +18,16 @@ from typing import Dict, List
 from ..spec import AttentionSpec, make_spec
 from .base import Backend
 from .cpu import CpuBackend
+from .cuda import CudaBackend
 from .reference import ReferenceBackend
 from .triton import TritonBackend
 
-# Fastest first for each device. The Triton backend takes CPU tensors only
-# under Triton's interpreter, and then after the CPU kernel.
-PRIORITY: List[Backend] = [CpuBackend(), TritonBackend(), ReferenceBackend()]
+# Fastest first for each device. CUDA tensors: the Triton kernels measured
+# faster than the CUDA C++ ones on an H100 at every size (bench/results/
+# triton-gpu.md, cuda-h100.md), so CUDA C++ serves what Triton cannot (e.g.
+# Triton not installed) and on request. The Triton backend takes CPU tensors
+# only under Triton's interpreter, and then after the CPU kernel.
+PRIORITY: List[Backend] = [CpuBackend(), TritonBackend(), CudaBackend(), ReferenceBackend()]
 BY_NAME: Dict[str, Backend] = {b.name: b for b in PRIORITY}
 
 
