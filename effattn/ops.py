@@ -40,6 +40,30 @@ def empty_in_layout_of(like: torch.Tensor, sizes: Sequence[int], dtype: torch.dt
     return t.permute(*inverse)
 
 
+def recompute_autograd(bwd_op):
+    """(backward, setup_context) for a forward op whose inputs are
+    (q, k, v, mask, key_lengths, query_lengths, *flags) and outputs (out, lse):
+    it saves those and calls ``bwd_op()(grad_out, grad_lse, q, k, v, out, lse,
+    mask, key_lengths, query_lengths, *flags)`` -> (dq, dk, dv). Shared by the
+    C++ ops and the Triton ops."""
+    def setup_context(ctx, inputs, output):
+        out, lse = output
+        ctx.save_for_backward(*inputs[:3], out, lse, *inputs[3:6])
+        ctx.flags = tuple(inputs[6:])
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, mask, key_lengths, query_lengths = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        elif grad_out.shape[-1] > 1 and grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()  # e.g. the stride-0 gradient of out.sum()
+        dq, dk, dv = bwd_op()(grad_out, grad_lse, q, k, v, out, lse, mask, key_lengths, query_lengths,
+                              *ctx.flags)
+        return (dq, dk, dv) + (None,) * (3 + len(ctx.flags))
+
+    return backward, setup_context
+
+
 if LOAD_ERROR is None:
 
     @torch.library.register_fake("effattn::fwd")
@@ -55,22 +79,7 @@ if LOAD_ERROR is None:
         return (empty_in_layout_of(q, q.shape, q.dtype), empty_in_layout_of(k, k.shape, k.dtype),
                 empty_in_layout_of(v, v.shape, v.dtype))
 
-    def _setup_context(ctx, inputs, output):
-        q, k, v, mask, key_lengths, query_lengths, scale, is_causal, window_left, window_right = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, mask, key_lengths, query_lengths)
-        ctx.flags = (scale, is_causal, window_left, window_right)
-
-    def _backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, mask, key_lengths, query_lengths = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        elif grad_out.shape[-1] > 1 and grad_out.stride(-1) != 1:
-            grad_out = grad_out.contiguous()  # e.g. the stride-0 gradient of out.sum()
-        dq, dk, dv = torch.ops.effattn.bwd(grad_out, grad_lse, q, k, v, out, lse, mask, key_lengths,
-                                           query_lengths, *ctx.flags)
-        return dq, dk, dv, None, None, None, None, None, None, None
-
+    _backward, _setup_context = recompute_autograd(lambda: torch.ops.effattn.bwd)
     torch.library.register_autograd("effattn::fwd", _backward, setup_context=_setup_context)
 
 

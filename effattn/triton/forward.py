@@ -26,7 +26,7 @@ than it gains. Strides are, so row loads stay 16-byte vectors.
 import triton
 import triton.language as tl
 
-from .tiles import block_ranges, clamp_length, load_mask, mma, structure_visible
+from .tiles import load_mask, mma, query_block_key_ranges, sequence_lengths, structure_visible
 
 
 @triton.jit
@@ -103,12 +103,8 @@ def attn_fwd_kernel(
     h = bh % H
     hk = h // GROUP
 
-    key_len = S
-    if HAS_KEY_LENGTHS:
-        key_len = clamp_length(KEY_LENGTHS, b, S)
-    query_len = L
-    if HAS_QUERY_LENGTHS:
-        query_len = clamp_length(QUERY_LENGTHS, b, L)
+    query_len, key_len = sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S,
+                                          HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -124,15 +120,8 @@ def attn_fwd_kernel(
         mask_base = MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
 
     # ---- the key blocks these rows can see, within this split ----
-    row_last = tl.minimum(m0 + BLOCK_M, query_len) - 1
-    lo = split * KEYS_PER_SPLIT
-    hi = tl.minimum(lo + KEYS_PER_SPLIT, key_len)
-    lo = tl.maximum(lo, (tl.maximum(m0 - window_left, 0) // BLOCK_N) * BLOCK_N)
-    hi = tl.minimum(hi, row_last + window_right + 1)
-    if row_last < m0:  # the whole block is past query_lengths
-        hi = lo
-    a, c = block_ranges(m0, row_last, lo, hi, window_left, window_right, key_len,
-                        BLOCK_N)
+    lo, a, c, hi = query_block_key_ranges(m0, split, KEYS_PER_SPLIT, query_len, key_len, window_left,
+                                          window_right, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, HEAD_DIM_V_PAD), tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)

@@ -20,7 +20,7 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ..ops import empty_in_layout_of
+from ..ops import empty_in_layout_of, recompute_autograd
 from . import configs
 from .backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .forward import attn_fwd_kernel, merge_splits_kernel
@@ -201,24 +201,7 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
     return dq, dk, dv
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, mask, key_lengths, query_lengths, scale, window_left, window_right, fp32_ieee = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, key_lengths, query_lengths)
-    ctx.flags = (scale, window_left, window_right, fp32_ieee)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, mask, key_lengths, query_lengths = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    elif grad_out.shape[-1] > 1 and grad_out.stride(-1) != 1:
-        grad_out = grad_out.contiguous()  # e.g. the stride-0 gradient of out.sum()
-    dq, dk, dv = torch.ops.effattn.triton_bwd(grad_out, grad_lse, q, k, v, out, lse, mask, key_lengths,
-                                              query_lengths, *ctx.flags)
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
+_backward, _setup_context = recompute_autograd(lambda: torch.ops.effattn.triton_bwd)
 triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 

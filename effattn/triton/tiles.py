@@ -83,3 +83,32 @@ def load_mask(mask_base, rows, cols, stride_row, stride_col, n_rows, n_cols,
         return tl.load(ptrs, mask=inb, other=0) != 0
     else:
         return tl.load(ptrs, mask=inb, other=0.0).to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S,
+                     HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr):
+    """(query_len, key_len) of batch b: the lengths entries, clamped, or L and S."""
+    key_len = S
+    if HAS_KEY_LENGTHS:
+        key_len = clamp_length(KEY_LENGTHS, b, S)
+    query_len = L
+    if HAS_QUERY_LENGTHS:
+        query_len = clamp_length(QUERY_LENGTHS, b, L)
+    return query_len, key_len
+
+
+@triton.jit
+def query_block_key_ranges(m0, split, keys_per_split, query_len, key_len, window_left, window_right,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key blocks seen by the query block at m0 within one key split:
+    (lo, a, c, hi) with masked [lo, a), interior [a, c), masked [c, hi)."""
+    row_last = tl.minimum(m0 + BLOCK_M, query_len) - 1
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, key_len)
+    lo = tl.maximum(lo, (tl.maximum(m0 - window_left, 0) // BLOCK_N) * BLOCK_N)
+    hi = tl.minimum(hi, row_last + window_right + 1)
+    if row_last < m0:  # the whole block is past query_lengths
+        hi = lo
+    a, c = block_ranges(m0, row_last, lo, hi, window_left, window_right, key_len, BLOCK_N)
+    return lo, a, c, hi
