@@ -11,7 +11,7 @@
 
 ``EFFATTN_BENCH_FAKE_CUDA=1`` with ``--device cuda`` on a machine without a GPU runs the CUDA
 code paths of the scripts (timing through a stand-in for ``do_bench``, memory counters read from
-the process RSS, the memory cap enforced after the fact) on CPU tensors. Its numbers mean nothing;
+the process RSS, the memory cap checked after each trial) on CPU tensors. Its numbers mean nothing;
 it exists so that the tests check the GPU-only logic on a CPU machine.
 """
 from __future__ import annotations
@@ -261,11 +261,6 @@ class Runtime:
         self.cap_bytes = nbytes
         if self.cuda and not self.fake:
             torch.cuda.set_per_process_memory_fraction(min(1.0, nbytes / self.total_memory()), self.device)
-
-    def check_cap(self):
-        """Fake mode only: the allocator cannot refuse, so an over-cap peak raises afterwards."""
-        if self.fake and self.cap_bytes is not None and self.peak() > self.cap_bytes:
-            raise torch.OutOfMemoryError(f"fake CUDA: peak {self.peak() / MiB:.0f} MiB over the cap")
 
     def cleanup(self):
         gc.collect()
