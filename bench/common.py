@@ -106,7 +106,12 @@ def versions():
 
 def meta(rt, script, argv):
     """The block every result file starts with: device, versions, commit, date, command line."""
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]  # a shared CPU machine: how busy it was at the start
+    except OSError:
+        load = None
     return dict(device=rt.kind, device_name=rt.name(), fake_cuda=rt.fake, threads=torch.get_num_threads(),
+                load_average_at_start=load, cpu_count=os.cpu_count(),
                 **versions(), effattn_commit=git_commit(), backends=str(effattn.backends()),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 command=" ".join(["python3", f"bench/{script}"] + list(argv)))
