@@ -136,7 +136,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return loss
+        return loss.detach()
 
 
 def measure(rt, variant, args, T, iters, warmup):
@@ -156,7 +156,7 @@ def measure(rt, variant, args, T, iters, warmup):
         rt.sync()
         dt = time.perf_counter() - t0
         res.update(status="ok", s_per_10=10 * dt / max(iters, 1), iters=iters,
-                   peak_bytes=rt.peak() - base, loss=float(loss) if loss is not None else None)
+                   peak_bytes=rt.peak() - base, loss=loss.item() if loss is not None else None)
         if rt.rss and rt.cap_bytes is not None and res["peak_bytes"] > rt.cap_bytes:
             res["status"] = "OOM"
     except Exception as exc:  # noqa: BLE001
