@@ -57,8 +57,8 @@ def _run_once(rt, method, B, H, L, E, dtype, causal):
     out = method.call(q, k, v, case)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     rt.sync()
-    ok = all(bool(torch.isfinite(g).all()) for g in grads[:1]) and bool(torch.isfinite(out).all())
-    return ok
+    # a finite check on a slice (a full-size one would allocate a mask as large as the output)
+    return all(bool(torch.isfinite(t[..., :4096, :]).all()) for t in (out, *grads))
 
 
 def trial_in_process(rt, method, B, H, L, E, dtype, causal):
