@@ -65,15 +65,23 @@ def shape(rt, quick, kind, L, E):
 
 
 def mode_fn(method, mode, q, k, v, dout, case):
-    """A callable running one mode, plus anything it needs alive (e.g. the retained graph)."""
+    """A callable running one mode (method.raw: the caller holds method.context() open), keeping
+    alive what it needs (the retained graph of the backward)."""
     if mode == "fwd":
-        return lambda: method.call(q, k, v, case, need_grad=False)
+        return lambda: method.raw(q, k, v, case, need_grad=False)
     if mode == "fwd+bwd":
-        return lambda: torch.autograd.grad(method.call(q, k, v, case), (q, k, v), dout)
-    out = method.call(q, k, v, case)  # backward alone: one forward, then the graph is reused
+        return lambda: torch.autograd.grad(method.raw(q, k, v, case), (q, k, v), dout)
+    out = method.raw(q, k, v, case)  # backward alone: one forward, then the graph is reused
     if not out.requires_grad:
         raise common.Unsupported("no backward")
     return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+
+def in_context(context, fn):
+    def run():
+        with context():
+            return fn()
+    return run
 
 
 def run_cell(rt, methods, valid, kind, B, H, L, E, dtype, iters):
@@ -92,13 +100,14 @@ def run_cell(rt, methods, valid, kind, B, H, L, E, dtype, iters):
                 status[m.name] = v_status
                 continue
             try:
-                fn = mode_fn(m, mode, q, k, v, dout, case)
-                fn()  # one run: compiles, warms up, and says whether the cell fits
-                rt.sync()
-                if rt.cuda:  # do_bench, one method at a time; its graph is dropped before the next
-                    times.update(rt.time_ms({m.name: fn}))
-                else:
-                    fns[m.name] = fn
+                with m.context():  # e.g. sdpa_kernel([backend]), entered once, not per timed call
+                    fn = mode_fn(m, mode, q, k, v, dout, case)
+                    fn()  # one run: compiles, warms up, and says whether the cell fits
+                    rt.sync()
+                    if rt.cuda:  # do_bench, one method at a time; its graph is dropped before the next
+                        times.update(rt.time_ms({m.name: fn}))
+                if not rt.cuda:
+                    fns[m.name] = in_context(m.context, fn)
             except Exception as exc:  # noqa: BLE001  (OOM / unsupported per cell)
                 status[m.name] = common.classify_error(exc)
             fn = None
@@ -175,6 +184,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=None, help="CPU: timed runs per cell (median); default 3")
     ap.add_argument("--dtype", default=None, choices=sorted(common.DTYPES),
                     help="default bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--kinds", default=None, help="series to run: comma-separated of dense,causal,padded "
+                    "(default all)")
     ap.add_argument("--no-flex", action="store_true", help="leave FlexAttention out (its compiles take time)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -191,6 +202,8 @@ def main(argv=None):
     log("methods: " + ", ".join(x.name for x in methods))
 
     series = grid(rt, args.quick)
+    if args.kinds:
+        series = [x for x in series if x[0] in args.kinds.split(",")]
     cells = [(kind, E, L) for kind, E, Ls in series for L in Ls]
     cells.sort(key=lambda c: c[2])  # short sequences first: a time budget cuts the longest
     # validation: each method, each case kind and head dim, at a small size against float64

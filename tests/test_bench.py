@@ -132,7 +132,7 @@ def test_budget_quick(tmp_path):
 def test_crnn_quick(tmp_path):
     import crnn
 
-    crnn.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    crnn.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--fit-seqs", "32"])
     saved = json.loads((tmp_path / "crnn-cpu-quick.json").read_text())
     _check_meta(saved)
     assert [r["variant"] for r in saved["timing"]] == ["none", "effattn", "naive", "loop"]
@@ -148,7 +148,8 @@ def test_cuda_code_paths_with_fake_cuda(tmp_path, monkeypatch):
     import speed
 
     monkeypatch.setenv("EFFATTN_BENCH_FAKE_CUDA", "1")
-    speed.main(["--quick", "--device", "cuda", "--out", str(tmp_path), "--methods", "effattn"])
+    speed.main(["--quick", "--device", "cuda", "--out", str(tmp_path), "--methods", "effattn,sdpa:math",
+                "--kinds", "padded"])
     saved = json.loads((tmp_path / "speed-cuda-quick.json").read_text())
     assert saved["meta"]["fake_cuda"] and saved["dtype"] == "bfloat16"
     assert all(r["status"] == "ok" for c in saved["cells"] for r in c["rows"])
