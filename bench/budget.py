@@ -3,7 +3,7 @@
 
     python3 bench/budget.py                            # CUDA: 8 GiB cap, B=1 H=8 E=64 bfloat16
     python3 bench/budget.py --methods effattn,sdpa:flash,naive --max-seconds 150
-    python3 bench/budget.py --device cpu               # RAM-based, 128 MiB cap, float32 (see below)
+    python3 bench/budget.py --device cpu               # RAM-based, 64 MiB cap, float32 (see below)
     python3 bench/budget.py --quick                    # tiny smoke run
 
 The CRNN scenario's users train on an 8 GB GPU. On CUDA this script caps its own allocations
@@ -28,7 +28,7 @@ the cap, and with how much room (cap - peak allocated).
 
 CPU (--device cpu): there is no allocator cap to set, so each trial runs in a fresh process
 and "fits" means its peak RSS growth (inputs included) stays under --cap-gib; the default cap
-is 128 MiB (float32, ceiling 8192 tokens) so that the search finishes in minutes on a small
+is 64 MiB (float32, ceiling 4096 tokens) so that the search finishes in minutes on a small
 CPU; the 800-step check uses --batch-cap-gib (default 8). --quick runs in one process.
 
 Writes bench/results/budget-<device>.json (+ .md, + .png).
@@ -171,7 +171,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(ap, max_seconds=None)
-    ap.add_argument("--cap-gib", type=float, default=None, help="memory cap (default 8 on CUDA, 0.125 on CPU)")
+    ap.add_argument("--cap-gib", type=float, default=None, help="memory cap (default 8 on CUDA, 1/16 = 64 MiB on CPU)")
     ap.add_argument("--batch-cap-gib", type=float, default=8.0, help="CPU: the cap of the 800-step check")
     ap.add_argument("--heads", type=int, default=None)
     ap.add_argument("--dim", type=int, default=None)
@@ -193,7 +193,7 @@ def main(argv=None):
     dtype_name = args.dtype or ("bfloat16" if rt.cuda else "float32")
     dtype = common.DTYPES[dtype_name]
     itemsize = torch.empty((), dtype=dtype).element_size()
-    cap = (args.cap_gib if args.cap_gib is not None else (8.0 if rt.cuda and not q_ else 0.125 if not q_ else 1 / 256)) * GiB
+    cap = (args.cap_gib if args.cap_gib is not None else (8.0 if rt.cuda and not q_ else 1 / 16 if not q_ else 1 / 256)) * GiB
     step = args.step or (256 if q_ else 1024 if rt.cuda else 256)
     in_process = rt.cuda or q_
     if in_process:

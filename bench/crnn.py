@@ -19,9 +19,10 @@ variants (the same model otherwise):
 Goal: effattn adds at most 20% to the no-attention time, and fits where naive does not.
 
 Timing: --warmup iterations, then --iters timed ones (CUDA synchronised), scaled to 10
-iterations. Memory: CUDA max_memory_allocated of a training iteration (under the --cap-gib
-cap: torch.cuda.set_per_process_memory_fraction); CPU: each variant runs in a fresh process and
-reports its peak RSS growth. Then (CUDA, or --fit-seqs): one training iteration per variant at
+iterations; on the CPU all variants' models live in one process and are timed round-robin (one
+iteration of each in turn: a shared CPU drifts). Memory: CUDA max_memory_allocated of a training
+iteration (under the --cap-gib cap: torch.cuda.set_per_process_memory_fraction); CPU: each
+variant runs one iteration (after a warm-up) in a fresh process and reports its peak RSS growth. Then (CUDA, or --fit-seqs): one training iteration per variant at
 longer T under the cap, to show where each stops fitting. The convolutions over the (B, 1, 32, 4T)
 image and the LSTMs grow with T too, so the "none" row is the model's own limit: the question is
 whether an attention variant fits wherever the model without attention does.
@@ -30,7 +31,7 @@ Writes bench/results/crnn-<device>.json (+ .md, + .png).
 """
 import argparse
 import json
-import math
+import statistics
 import subprocess
 import sys
 import time
@@ -168,6 +169,34 @@ def measure(rt, variant, args, T, iters, warmup):
     return res
 
 
+def round_robin(rt, variants, args, T, iters, warmup):
+    """CPU timing: every variant's model in this process, one iteration of each in turn (a
+    shared CPU drifts over minutes; this way each variant sees the same conditions).
+    {variant: (s per 10 iterations (median), status)}."""
+    trainers, out = {}, {}
+    for v in variants:
+        try:
+            trainers[v] = Trainer(rt, v, args, T)
+        except Exception as exc:  # noqa: BLE001
+            out[v] = (None, common.classify_error(exc))
+    times = {v: [] for v in trainers}
+    for i in range(warmup + iters):
+        for v, tr in list(trainers.items()):
+            try:
+                t0 = time.perf_counter()
+                tr.step()
+                if i >= warmup:
+                    times[v].append(time.perf_counter() - t0)
+            except Exception as exc:  # noqa: BLE001
+                out[v] = (None, common.classify_error(exc))
+                del trainers[v]
+        log(f"  round {i + 1}/{warmup + iters}" + (" (warm-up)" if i < warmup else "") + ": "
+            + ", ".join(f"{v} {times[v][-1]:.2f} s" for v in trainers if i >= warmup and times[v]))
+    for v in trainers:
+        out[v] = (10 * statistics.median(times[v]), "ok")
+    return out
+
+
 def worker(spec, args):
     """CPU: one variant in a fresh process (its peak RSS is its own)."""
     rt = common.Runtime("cpu")
@@ -241,10 +270,10 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(ap)
-    ap.add_argument("--batch", type=int, default=None, help="default 32 (CUDA), 8 (CPU)")
+    ap.add_argument("--batch", type=int, default=None, help="default 32 (CUDA), 4 (CPU)")
     ap.add_argument("--seq", type=int, default=None, help="T, columns per line (default 800)")
     ap.add_argument("--hidden", type=int, default=None, help="LSTM hidden size per direction (default 256 CUDA, 128 CPU)")
-    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=None, help="default 8 (CUDA: head dim 64), 4 (CPU: 64)")
     ap.add_argument("--classes", type=int, default=80)
     ap.add_argument("--channels", default=None, help="conv channels c1,c2 (default 64,128 CUDA, 16,32 CPU)")
     ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 10 CUDA, 3 CPU)")
@@ -258,9 +287,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     q_ = args.quick
-    args.batch = args.batch or (2 if q_ else 32 if cuda else 8)
+    args.batch = args.batch or (2 if q_ else 32 if cuda else 4)
     args.seq = args.seq or (64 if q_ else 800)
     args.hidden = args.hidden or (16 if q_ else 256 if cuda else 128)
+    args.heads = args.heads or (8 if q_ or cuda else 4)
     args.channels = tuple(int(c) for c in (args.channels or ("4,8" if q_ else "64,128" if cuda else "16,32")).split(","))
     args.iters = args.iters or (1 if q_ else 10 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (1 if q_ or not cuda else 3)
@@ -281,13 +311,22 @@ def main(argv=None):
     in_process = rt.cuda or q_
     prog = common.Progress(len(variants), args.max_seconds)
     timing = []
+    rr = None
+    if not in_process:  # CPU: times round-robin in this process, memory from a fresh process each
+        log(f"timing: {a.warmup} warm-up + {a.iters} timed iterations of each variant, round-robin")
+        rr = round_robin(rt, variants, a, a.seq, a.iters, a.warmup)
+        log("memory: one iteration (after one warm-up) per variant, each in a fresh process")
     for v in variants:
         if prog.over_budget():
             r = dict(variant=v, T=a.seq, status=f"skipped: --max-seconds {a.max_seconds:g}")
         elif in_process:
             r = measure(rt, v, a, a.seq, a.iters, a.warmup)
         else:
-            r = measure_subprocess(v, argv, a.seq, a.iters, a.warmup)
+            r = measure_subprocess(v, argv, a.seq, 1, 1)
+            s10, st = rr[v]
+            r.update(s_per_10=s10, iters=a.iters, timing="round-robin, in one process")
+            if r.get("status") == "ok" or st != "ok":
+                r["status"] = st if st != "ok" else r["status"]
         timing.append(r)
         prog.step(f"{v}: " + (f"{r['s_per_10']:.3f} s / 10 iterations, peak {r['peak_bytes'] / MiB:,.0f} MiB"
                               if r["status"] == "ok" else r["status"]))
