@@ -212,6 +212,8 @@ def main(argv=None):
     log("methods: " + ", ".join(x.name for x in methods))
     series = grid(rt, args.quick)
     B, H = shape(rt, args.quick)
+    cells = sorted([(k, e, L) for k, e, Ls in series for L in Ls], key=lambda c: c[2])
+    prog = common.Progress(len(cells), args.max_seconds)  # the budget's clock starts before validation
     valid = {}
     for kind, E in sorted({(k, e) for k, e, _ in series}):
         for meth in methods:
@@ -219,8 +221,6 @@ def main(argv=None):
             if not valid[(meth.name, kind, E)][0]:
                 log(f"check {meth.name} {kind} E={E}: {valid[(meth.name, kind, E)][2]}")
     in_process = rt.cuda or args.quick  # CPU: a fresh process per run, except in the smoke run
-    cells = sorted([(k, e, L) for k, e, Ls in series for L in Ls], key=lambda c: c[2])
-    prog = common.Progress(len(cells), args.max_seconds)
     out_cells = []
     itemsize = torch.empty((), dtype=dtype).element_size()
     for kind, E, L in cells:

@@ -34,6 +34,7 @@ supported is recorded as "OOM" / "unsupported: why".
 Writes bench/results/speed-<device>.json (+ .md table, + .png plot).
 """
 import argparse
+import json
 import sys
 
 import torch
@@ -206,6 +207,9 @@ def main(argv=None):
         series = [x for x in series if x[0] in args.kinds.split(",")]
     cells = [(kind, E, L) for kind, E, Ls in series for L in Ls]
     cells.sort(key=lambda c: c[2])  # short sequences first: a time budget cuts the longest
+    # the budget's clock starts here: validation (FlexAttention's first compiles) counts
+    prog = common.Progress(len(cells), args.max_seconds)
+    path = common.out_path(args, "speed", rt.kind)
     # validation: each method, each case kind and head dim, at a small size against float64
     valid = {}
     for kind, E in sorted({(k, e) for k, e, _ in series}):
@@ -214,8 +218,17 @@ def main(argv=None):
             valid[(meth.name, kind, E)] = (ok, err, status)
             log(f"check {meth.name:18s} {kind:7s} E={E:<4d}: "
                 + (f"max rel. error {err:.1e} " if err is not None else "") + status)
-    prog = common.Progress(len(cells), args.max_seconds)
     out_cells = []
+
+    def result(complete):
+        return dict(meta=m, dtype=dtype_name, methods=[x.name for x in methods],
+                    method_notes={x.name: x.note for x in methods},
+                    series=[dict(kind=k, E=e, L=ls) for k, e, ls in series],
+                    validation={f"{n}|{k}|E={e}": dict(ok=ok, max_rel_error=err, status=st)
+                                for (n, k, e), (ok, err, st) in valid.items()},
+                    cells=sorted(out_cells, key=lambda c: (c["kind"], c["E"], c["L"])),
+                    complete=complete, runtime_s=prog.elapsed())
+
     for kind, E, L in cells:
         B, H = shape(rt, args.quick, kind, L, E)
         if prog.over_budget():
@@ -227,15 +240,10 @@ def main(argv=None):
         fb = {r["method"]: r for r in rows if r["mode"] == "fwd+bwd"}
         prog.step(f"{kind:7s} E={E} L={L:<6d} B={B} H={H} fwd+bwd: "
                   + ", ".join(f"{n} {cell_text(r, 1 if rt.cuda else 1e3)}" for n, r in fb.items()))
+        with open(path, "w") as f:  # partial results survive a hard timeout
+            json.dump(result(False), f, indent=1, default=str)
 
-    res = dict(meta=m, dtype=dtype_name, methods=[x.name for x in methods],
-               method_notes={x.name: x.note for x in methods},
-               series=[dict(kind=k, E=e, L=ls) for k, e, ls in series],
-               validation={f"{n}|{k}|E={e}": dict(ok=ok, max_rel_error=err, status=st)
-                           for (n, k, e), (ok, err, st) in valid.items()},
-               cells=sorted(out_cells, key=lambda c: (c["kind"], c["E"], c["L"])),
-               runtime_s=prog.elapsed())
-    path = common.out_path(args, "speed", rt.kind)
+    res = result(True)
     common.write_json(path, res)
     md = tables(res, markdown=True)
     common.write_markdown(path[:-5] + ".md", "bench/speed.py", m, md)
