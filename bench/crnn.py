@@ -224,7 +224,8 @@ def tables(res, markdown=False):
         rows.append([r["variant"], f"{r['s_per_10']:.3f}",
                      f"{r['s_per_10'] / none['s_per_10']:.2f}x" if none else "-",
                      f"{(r['s_per_10'] / none['s_per_10'] - 1) * 100:+.0f}%" if none else "-",
-                     f"{r['peak_bytes'] / MiB:,.0f}"])
+                     f"{r['peak_bytes'] / MiB:,.0f}" if r.get("peak_bytes") is not None
+                     else common.short(r.get("memory_status", "-"))])
     a = res["config"]
     out = [(f"CRNN B={a['batch']} T={a['seq']} hidden={a['hidden']} heads={a['heads']} "
             f"(attention E={2 * a['hidden'] // a['heads']}){' bf16 autocast' if res['amp'] else ' float32'}"
@@ -317,18 +318,25 @@ def main(argv=None):
         rr = round_robin(rt, variants, a, a.seq, a.iters, a.warmup)
         log("memory: one iteration (after one warm-up) per variant, each in a fresh process")
     for v in variants:
-        if prog.over_budget():
-            r = dict(variant=v, T=a.seq, status=f"skipped: --max-seconds {a.max_seconds:g}")
-        elif in_process:
-            r = measure(rt, v, a, a.seq, a.iters, a.warmup)
-        else:
-            r = measure_subprocess(v, argv, a.seq, 1, 1)
+        if rr is not None:  # CPU: the round-robin time; the memory from a fresh process if time is left
             s10, st = rr[v]
-            r.update(s_per_10=s10, iters=a.iters, timing="round-robin, in one process")
-            if r.get("status") == "ok" or st != "ok":
-                r["status"] = st if st != "ok" else r["status"]
+            r = dict(variant=v, T=a.seq, B=a.batch, status=st, s_per_10=s10, iters=a.iters,
+                     timing="round-robin, in one process")
+            if st == "ok" and not prog.over_budget():
+                mem = measure_subprocess(v, argv, a.seq, 1, 1)
+                r["peak_bytes"] = mem.get("peak_bytes")
+                if mem["status"] != "ok":
+                    r["memory_status"] = mem["status"]
+            elif st == "ok":
+                r["memory_status"] = f"skipped: --max-seconds {a.max_seconds:g}"
+        elif prog.over_budget():
+            r = dict(variant=v, T=a.seq, status=f"skipped: --max-seconds {a.max_seconds:g}")
+        else:
+            r = measure(rt, v, a, a.seq, a.iters, a.warmup)
         timing.append(r)
-        prog.step(f"{v}: " + (f"{r['s_per_10']:.3f} s / 10 iterations, peak {r['peak_bytes'] / MiB:,.0f} MiB"
+        prog.step(f"{v}: " + (f"{r['s_per_10']:.3f} s / 10 iterations, peak "
+                              + (f"{r['peak_bytes'] / MiB:,.0f} MiB" if r.get("peak_bytes") is not None
+                                 else r.get("memory_status", "?"))
                               if r["status"] == "ok" else r["status"]))
 
     fit = []
