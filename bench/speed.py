@@ -174,6 +174,7 @@ def draw(res):
                 ax.set_ylabel(unit)
                 ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
+        f.tight_layout(rect=(0, 0, 1, 0.95))
         f.suptitle(f"attention speed, {res['dtype']}: {res['meta']['device_name']}", fontsize=10)
     return fig
 
