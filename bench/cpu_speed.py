@@ -29,42 +29,19 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # the checkout's effattn
 sys.path.insert(0, HERE)
-import effattn  # noqa: E402
-from demo import proc_kib  # noqa: E402  (the same RSS reading as the demo)
+from common import cpu_model, effattn, flops, medians_ms, proc_kib  # noqa: E402,F401  (shared with speed.py etc.)
+from common import padded_case as _padded_case  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ISA_NAMES = ["baseline", "avx2", "avx512"]
-
-
-def flops(B, H, L, S, E, causal=False, backward=False):
-    f = 4 * B * H * L * S * E * (0.5 if causal else 1.0)
-    return f * (3.5 if backward else 1.0)  # forward + 2.5x forward
-
-
-def medians_ms(fns, iters):
-    """Median ms of each callable, timed round-robin (one run of each per round,
-    after one warm-up round), so that every method sees the same machine
-    conditions; this shared 2-core machine drifts by 10-15% over minutes."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def inputs(B, H, L, E, dtype, seed=0):
@@ -131,10 +108,9 @@ def causal(shape, iters, log):
 
 
 def padded_case(B, L):
-    """Lengths: the first half of the batch full, the second half at L // 2."""
-    lengths = torch.tensor([L if b < B // 2 else L // 2 for b in range(B)])
-    key_mask = torch.arange(L)[None, :] < lengths[:, None]  # (B, S), True = attend
-    return lengths, key_mask[:, None, None, :]  # the dense mask SDPA needs: (B, 1, 1, S)
+    """Lengths: the first half of the batch full, the second half at L // 2; and the dense
+    (B, 1, 1, S) key-padding mask SDPA needs (common.padded_case)."""
+    return _padded_case(B, L)
 
 
 def padded(shape, iters, log):
@@ -264,17 +240,6 @@ def matmul_peak_gflops(n, iters):
     a, b = torch.randn(n, n), torch.randn(n, n)
     ms = medians_ms({"mm": lambda: a @ b}, iters)["mm"]
     return 2 * n ** 3 / ms / 1e6
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(res):
