@@ -82,6 +82,8 @@ def cpu_model():
 
 
 def git_commit():
+    if os.environ.get("EFFATTN_COMMIT"):  # a copy of the tree without its git history (the GPU machine)
+        return os.environ["EFFATTN_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, timeout=10).stdout.strip() or "unknown"

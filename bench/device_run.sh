@@ -7,10 +7,11 @@
 #
 # Results go to $OUT (the device tool's folder; default bench/results/device-run, git-ignored): few files, since at
 # most 8 come back: bench-<device>.tar.gz (every JSON, PNG and markdown table), run.log (all output),
-# and the four markdown tables. Unpack with: tar xzf bench-cuda.tar.gz -C bench/results
+# and the four JSON files (copied as each script ends, so a call cut short keeps them). Unpack with: tar xzf bench-cuda.tar.gz -C bench/results
 # Each script has a wall-clock budget (--max-seconds: cells not reached are recorded as skipped)
 # and a hard timeout a little above it. Environment overrides: DEVICE (cuda), QUICK (0),
-# SPEED_S MEMORY_S BUDGET_S CRNN_S (the budgets), MEMORY_METHODS and BUDGET_METHODS (--methods).
+# SPEED_S MEMORY_S BUDGET_S CRNN_S (the budgets), MEMORY_METHODS and BUDGET_METHODS (--methods),
+# SPEED_EXTRA and BUDGET_EXTRA (more arguments, e.g. --no-flex, --causal).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -44,25 +45,26 @@ print(effattn.backends())
 EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
 
-run() {  # run NAME BUDGET_S ARGS...: one script, its own budget, a hard timeout 40 s above it
+run() {  # run NAME BUDGET_S ARGS...: one script, its own budget, a hard timeout 25 s above it
     local name=$1 secs=$2; shift 2
     say "bench/$name.py (budget ${secs} s)"
-    timeout --kill-after=10 $(( ${secs%.*} + 40 )) python3 "bench/$name.py" --device "$DEVICE" --out "$RES" \
+    timeout --kill-after=5 $(( ${secs%.*} + 25 )) python3 "bench/$name.py" --device "$DEVICE" --out "$RES" \
         --max-seconds "$secs" "${QUICK_ARG[@]}" "$@" > "$RES/$name.log" 2>&1
     local rc=$?
     [ $rc -ne 0 ] && echo "bench/$name.py exited with $rc" | tee -a "$RES/$name.log"
     grep -E '^\[[0-9]+/[0-9]+\]|^check .*(invalid|error)|exited with' "$RES/$name.log" | tee -a "$LOG"
+    cp "$RES"/$name-*.json "$OUT/" 2>/dev/null  # at once: a call cut short still brings back what finished
 }
 
-run speed "$SPEED_S"
+run speed "$SPEED_S" ${SPEED_EXTRA:-}
 run memory "$MEMORY_S" --methods "$MEMORY_METHODS"
-run budget "$BUDGET_S" --methods "$BUDGET_METHODS"
+run budget "$BUDGET_S" --methods "$BUDGET_METHODS" ${BUDGET_EXTRA:-}
 run crnn "$CRNN_S"
 
 say "done; tables follow"
 for name in speed memory budget crnn; do
     md=$(ls "$RES"/$name-*.md 2>/dev/null | head -1)
-    if [ -n "$md" ]; then cat "$md" | tee -a "$LOG"; cp "$md" "$OUT/"; else
+    if [ -n "$md" ]; then cat "$md" | tee -a "$LOG"; else
         echo "no table from $name.py; the end of its log:" | tee -a "$LOG"; tail -20 "$RES/$name.log" | tee -a "$LOG"; fi
     echo | tee -a "$LOG"
 done
