@@ -268,7 +268,7 @@ class Runtime:
         """Cap this process's CUDA allocations at nbytes (set_per_process_memory_fraction)."""
         self.cap_bytes = nbytes
         if self.cuda and not self.fake:
-            torch.cuda.set_per_process_memory_fraction(min(1.0, nbytes / self.total_memory()), self.device)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, nbytes / self.total_memory()), torch.cuda.current_device())
 
     def cleanup(self):
         gc.collect()

@@ -101,6 +101,25 @@ def test_compile_no_graph_breaks_explained():
     assert "effattn.fwd" in str(explanation.graphs[0].graph)
 
 
+def test_compile_walks_every_backend_without_graph_breaks():
+    """Dispatch runs inside compiled code: every backend's checks (GPU ones included:
+    Triton's and CUDA's availability, compute capability) must be constants to the
+    compiler. A mask that requires grad makes the walk go past every fused backend."""
+    import warnings
+    torch._dynamo.reset()
+    q, k, v = make_qkv(B=1, Hq=2, L=16, S=16, E=16)
+    mask = torch.zeros(16, 16, requires_grad=True)
+
+    def f(q, k, v, mask):
+        return effattn.attention(q, k, v, attn_mask=mask)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the eager call warns about the reference fallback
+        eager = f(q, k, v, mask)
+        compiled = torch.compile(f, fullgraph=True)(q, k, v, mask)
+    torch.testing.assert_close(compiled, eager)
+
+
 def test_backends_report():
     rep = effattn.backends()
     assert rep["cpu"] == [] and rep["reference"] == []

@@ -15,6 +15,8 @@ import types
 import warnings
 from typing import Dict, List
 
+import torch
+
 from ..spec import AttentionSpec, make_spec
 from .base import Backend
 from .cpu import CpuBackend
@@ -67,7 +69,9 @@ def select(spec: AttentionSpec, backend: str = "auto") -> Backend:
     for b in PRIORITY:
         reasons = b.reasons(spec)
         if not reasons:
-            if b.materializes_scores and skipped:
+            if b.materializes_scores and skipped and not torch.compiler.is_compiling():
+                # (not while compiling: the eager run of the same call has warned already,
+                # and a warning would be a graph break)
                 warnings.warn("effattn: no fused backend can serve this call ("
                               + " | ".join(skipped) + "); falling back to the reference math, "
                               "which materialises the (L, S) score matrix", stacklevel=3)

@@ -8,6 +8,24 @@ import torch
 from ..spec import AttentionSpec
 
 
+# Machine facts that backends read while deciding, made constants for torch.compile:
+# the dispatcher runs inside compiled code, and a query of the driver there would be
+# a graph break. (torch.cuda.is_available is already a constant to the compiler.)
+@torch.compiler.assume_constant_result
+def cuda_capability(index: int) -> int:
+    """Compute capability of CUDA device ``index`` as 10 * major + minor (e.g. 90)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+@torch.compiler.assume_constant_result
+def best_cuda_capability() -> int:
+    """The highest compute capability among the CUDA devices (0: none)."""
+    if not torch.cuda.is_available():
+        return 0
+    return max(cuda_capability(i) for i in range(torch.cuda.device_count()))
+
+
 class Backend:
     """A way to compute attention for an :class:`AttentionSpec`.
 

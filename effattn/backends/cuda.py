@@ -8,21 +8,28 @@ from typing import List
 import torch
 
 from .. import ops
-from .base import Backend
+from .base import Backend, best_cuda_capability, cuda_capability
 
 # Kernel tile widths; other head dims run on the next larger one (zero-padded).
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 _DTYPE_INDEX = {torch.float16: 0, torch.bfloat16: 1}
 
 
-def compiled_variants() -> int:
-    """Bits of effattn::cuda_variants (csrc/cuda/api.h): 0 without CUDA kernels."""
+def _read_compiled_variants() -> int:
     if ops.LOAD_ERROR:
         return 0
     try:
         return int(torch.ops.effattn.cuda_variants())
     except (AttributeError, RuntimeError):  # an older build without the op
         return 0
+
+
+_COMPILED_VARIANTS = _read_compiled_variants()  # read once: a constant, also under torch.compile
+
+
+def compiled_variants() -> int:
+    """Bits of effattn::cuda_variants (csrc/cuda/api.h): 0 without CUDA kernels."""
+    return _COMPILED_VARIANTS
 
 
 def kernel_head_dim(dtype: torch.dtype, head_dim: int, backward: bool = False) -> int:
@@ -51,7 +58,7 @@ class CudaBackend(Backend):
                     "or EFFATTN_CPU_ONLY=1)"]
         if not torch.cuda.is_available():
             return ["no CUDA GPU is available"]
-        if not any(torch.cuda.get_device_capability(i) >= (8, 0) for i in range(torch.cuda.device_count())):
+        if best_cuda_capability() < 80:
             return ["needs a GPU of compute capability 8.0 or newer (Ampere, Ada, Hopper)"]
         return []
 
@@ -59,9 +66,9 @@ class CudaBackend(Backend):
         reasons = super().not_supported_reasons(spec)
         if spec.device.type != "cuda":
             return reasons
-        cap = torch.cuda.get_device_capability(spec.device)
-        if cap < (8, 0):
-            reasons.append(f"needs compute capability 8.0 or newer, {spec.device} has {cap[0]}.{cap[1]}")
+        cap = cuda_capability(spec.device.index if spec.device.index is not None else 0)
+        if cap < 80:
+            reasons.append(f"needs compute capability 8.0 or newer, {spec.device} has {cap // 10}.{cap % 10}")
         E, Ev = spec.q.shape[-1], spec.v.shape[-1]
         need = max(E, Ev)
         if spec.dtype in _DTYPE_INDEX:

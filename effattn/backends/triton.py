@@ -16,9 +16,10 @@ import os
 
 import torch
 
-from .base import Backend
+from .base import Backend, cuda_capability
 
 MAX_HEAD_DIM = 256
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None  # once: a constant under torch.compile
 _FP32_PRECISION = "tf32"
 
 
@@ -40,7 +41,7 @@ class TritonBackend(Backend):
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
     def unavailable_reasons(self):
-        if importlib.util.find_spec("triton") is None:
+        if not _TRITON_FOUND:
             return ["Triton is not installed (pip install triton)"]
         if "cpu" not in self.devices and not torch.cuda.is_available():
             return ["no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"]
@@ -54,9 +55,9 @@ class TritonBackend(Backend):
         if E == 0:
             reasons.append("head dim 0")
         if spec.device.type == "cuda":
-            major, minor = torch.cuda.get_device_capability(spec.device)
-            if major < 8:
-                reasons.append(f"needs compute capability >= 8.0 (Ampere), this GPU is {major}.{minor}")
+            cap = cuda_capability(spec.device.index if spec.device.index is not None else 0)
+            if cap < 80:
+                reasons.append(f"needs compute capability >= 8.0 (Ampere), this GPU is {cap // 10}.{cap % 10}")
         return reasons
 
     def forward(self, spec):
