@@ -10,8 +10,12 @@ config of each list instead (the tests do, to keep compile time down).
 Under the interpreter (TRITON_INTERPRET=1, CPU tensors) small fixed blocks
 keep the numpy emulation fast while still giving every test several blocks.
 
-The lists were chosen by measurement on an H100 (bench/results/triton-*.json);
-each line says what it is for.
+The candidates are the tiles FlashAttention-style Triton kernels use on
+Ampere and Hopper (each line says what it is for); the autotuner measures them
+at run time on the GPU at hand. On an H100 the autotuned kernels gave the
+figures of bench/results/triton-gpu.md; which config won each key was not
+recorded (bench/dev/triton_gpu.py now records it), and no Ampere GPU has
+measured them.
 """
 from __future__ import annotations
 

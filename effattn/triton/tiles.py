@@ -7,8 +7,8 @@ visible is the spec's rule (effattn/spec.py):
     i < query_len  and  j < key_len  and  i - window_left <= j <= i + window_right
     and the dense mask allows it,
 
-with causal folded into window_right by the host (top-left aligned) and -1
-meaning an unbounded side. ``block_ranges`` splits the blocks that may hold a
+with causal folded into window_right by the host (top-left aligned) and an
+unbounded side passed as UNBOUNDED (ops._window), so no flag is needed. ``block_ranges`` splits the blocks that may hold a
 visible pair into the ones where *every* pair is visible by the structure
 (lengths and window) and the edges, so the inner loop masks only the edges.
 Scores are kept in base 2 (scaled by log2(e)), so exp is exp2.
@@ -19,7 +19,6 @@ import triton.language as tl
 LOG2E = 1.4426950408889634  # log2(e)
 # An unbounded window side, as a bound no index reaches (row + UNBOUNDED stays in int32).
 UNBOUNDED = 1 << 29
-LN2 = 0.6931471805599453  # ln(2)
 
 
 @triton.jit
