@@ -40,6 +40,7 @@ class Backend:
     devices: Tuple[str, ...] = ()
     dtypes: Tuple[torch.dtype, ...] = ()
     supports_mask_grad: bool = False
+    min_cuda_capability: int = 0  # 10 * major + minor, checked for CUDA tensors (80: Ampere)
     materializes_scores: bool = False  # True only for the reference math
 
     def unavailable_reasons(self) -> List[str]:
@@ -52,6 +53,12 @@ class Backend:
         if spec.dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             reasons.append(f"supports dtypes {names}, not {str(spec.dtype).replace('torch.', '')}")
+        if self.min_cuda_capability and spec.device.type == "cuda":
+            cap = cuda_capability(spec.device.index if spec.device.index is not None else 0)
+            if cap < self.min_cuda_capability:
+                want = self.min_cuda_capability
+                reasons.append(f"needs compute capability {want // 10}.{want % 10} or newer, "
+                               f"{spec.device} has {cap // 10}.{cap % 10}")
         if spec.mask_needs_grad and not self.supports_mask_grad:
             reasons.append("does not compute the gradient of attn_mask (the mask requires grad)")
         return reasons

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .base import Backend, cuda_capability
+from .base import Backend
 
 MAX_HEAD_DIM = 256
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None  # once: a constant under torch.compile
@@ -39,6 +39,7 @@ class TritonBackend(Backend):
     name = "triton"
     devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET", "0") == "1" else ("cuda",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    min_cuda_capability = 80  # the kernels' bf16 tensor-core dots and tiles assume Ampere or newer
 
     def unavailable_reasons(self):
         if not _TRITON_FOUND:
@@ -54,10 +55,6 @@ class TritonBackend(Backend):
             reasons.append(f"head dims up to {MAX_HEAD_DIM}, got query/key {E} and value {Ev}")
         if E == 0:
             reasons.append("head dim 0")
-        if spec.device.type == "cuda":
-            cap = cuda_capability(spec.device.index if spec.device.index is not None else 0)
-            if cap < 80:
-                reasons.append(f"needs compute capability >= 8.0 (Ampere), this GPU is {cap // 10}.{cap % 10}")
         return reasons
 
     def forward(self, spec):
