@@ -269,15 +269,7 @@ def main(argv=None):
                    else "peak RSS growth in one process (smoke run)"),
                batch_case=batch, longest=results, runtime_s=time.perf_counter() - t_start)
     path = common.out_path(args, "budget", rt.kind)
-    common.write_json(path, res)
-    tabs = tables(res)
-    common.write_markdown(path[:-5] + ".md", "bench/budget.py", m, tables(res, markdown=True))
-    common.plot(path[:-5] + ".png", draw(res))
-    print()
-    for title, text in tabs:
-        print(title)
-        print(text)
-        print()
+    common.write_results(path, "bench/budget.py", m, res, tables, draw)
     log(f"total {res['runtime_s']:.1f} s")
     return res
 

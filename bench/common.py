@@ -619,6 +619,20 @@ def plot(path, draw):
         plt.close("all")
 
 
+def write_results(path, script, m, res, tables, draw):
+    """A script's outputs: JSON at path, the markdown tables and the plot beside it, then
+    the text tables on stdout. tables(res, markdown=...) -> [(title, text)]; draw(res) -> a
+    function of plt."""
+    write_json(path, res)
+    write_markdown(path[:-5] + ".md", script, m, tables(res, markdown=True))
+    plot(path[:-5] + ".png", draw(res))
+    print()
+    for title, text in tables(res):
+        print(title)
+        print(text)
+        print()
+
+
 def fmt_ms(x):
     return f"{x:.2f}" if isinstance(x, (int, float)) and x < 10 else (f"{x:.1f}" if isinstance(x, (int, float)) else str(x))
 

@@ -372,14 +372,7 @@ def main(argv=None):
                         "peak RSS growth, fresh process per variant" if not in_process else "process RSS (smoke run)"),
                timing=timing, fit=fit, goals=goals, runtime_s=prog.elapsed())
     path = common.out_path(args, "crnn", rt.kind)
-    common.write_json(path, res)
-    common.write_markdown(path[:-5] + ".md", "bench/crnn.py", m, tables(res, markdown=True))
-    common.plot(path[:-5] + ".png", draw(res))
-    print()
-    for title, text in tables(res):
-        print(title)
-        print(text)
-        print()
+    common.write_results(path, "bench/crnn.py", m, res, tables, draw)
     if goals:
         log(f"effattn adds {goals['effattn_added_fraction'] * 100:+.0f}% to the no-attention iteration "
             f"(goal: at most +20%: {'met' if goals['effattn_within_20_percent'] else 'NOT met'})")

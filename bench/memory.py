@@ -241,14 +241,7 @@ def main(argv=None):
                series=[dict(kind=k, E=e, L=ls) for k, e, ls in series],
                cells=sorted(out_cells, key=lambda c: (c["kind"], c["E"], c["L"])), runtime_s=prog.elapsed())
     path = common.out_path(args, "memory", rt.kind)
-    common.write_json(path, res)
-    common.write_markdown(path[:-5] + ".md", "bench/memory.py", m, tables(res, markdown=True))
-    common.plot(path[:-5] + ".png", draw(res))
-    print()
-    for title, text in tables(res):
-        print(title)
-        print(text)
-        print()
+    common.write_results(path, "bench/memory.py", m, res, tables, draw)
     log(f"total {prog.elapsed():.1f} s")
     return res
 

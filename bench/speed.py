@@ -245,15 +245,7 @@ def main(argv=None):
             json.dump(result(False), f, indent=1, default=str)
 
     res = result(True)
-    common.write_json(path, res)
-    md = tables(res, markdown=True)
-    common.write_markdown(path[:-5] + ".md", "bench/speed.py", m, md)
-    common.plot(path[:-5] + ".png", draw(res))
-    print()
-    for title, text in tables(res):
-        print(title)
-        print(text)
-        print()
+    common.write_results(path, "bench/speed.py", m, res, tables, draw)
     log(f"total {prog.elapsed():.1f} s")
     return res
 
