@@ -12,6 +12,7 @@ window_right. Outputs follow the input layouts (as the C++ ops).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -48,10 +49,15 @@ def _mask_args(mask: Optional[Tensor], dtype: torch.dtype):
     return mask, 2, strides
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few splits, so the tests exercise the merge
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _num_splits(n_programs: int, S: int, device: torch.device) -> int:
