@@ -162,22 +162,6 @@ def cpu_isa_runs_here(name):
             os.environ["EFFATTN_CPU_ISA"] = saved
 
 
-def _isa_params():
-    params = []
-    for name in CPU_ISAS:
-        runs, reason = cpu_isa_runs_here(name)
-        params.append(pytest.param(name, id=f"isa={name}",
-                                   marks=() if runs else pytest.mark.skip(reason=f"{name}: {reason}")))
-    return params
-
-
-@pytest.fixture(params=_isa_params())
-def cpu_isa(request, monkeypatch):
-    """Runs a test once per CPU kernel variant this machine can execute."""
-    monkeypatch.setenv("EFFATTN_CPU_ISA", request.param)
-    return request.param
-
-
 class BackendCase(str):
     """A backend name (pass it as ``backend=``) with the device its test
     tensors go to and, for the CPU kernel, the instruction-set variant."""

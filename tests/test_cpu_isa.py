@@ -1,6 +1,6 @@
 """The CPU kernel's per-ISA variants (csrc/cpu/kernels.h): which one runs, how
 to ask for another, and that they agree. The option matrix against the oracle
-(test_attention.py) runs once per variant through the cpu_isa fixture."""
+(test_attention.py) runs once per variant through the backend fixture (conftest.backend_cases)."""
 import pytest
 import torch
 
