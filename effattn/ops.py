@@ -48,6 +48,9 @@ def recompute_autograd(bwd_op):
     C++ ops and the Triton ops."""
     def setup_context(ctx, inputs, output):
         out, lse = output
+        # An unused lse gets None as its gradient, not a materialised zero
+        # tensor (the backward ops take grad_lse as optional); likewise out.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(*inputs[:3], out, lse, *inputs[3:6])
         ctx.flags = tuple(inputs[6:])
 

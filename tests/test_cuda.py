@@ -15,7 +15,7 @@ import torch
 
 from conftest import assert_bound
 from effattn import reference
-from effattn.backends.cuda import CudaBackend, kernel_head_dim
+from effattn.backends.cuda import CudaBackend
 from effattn.spec import make_spec
 
 BACKEND = CudaBackend()
@@ -126,17 +126,36 @@ def test_lengths(L, S, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("E", [16, 32, 40, 64, 72, 96, 128, 160, 192, 256])
 def test_head_dims(E, dtype):
-    # The backward serves head dims up to 128; larger ones are forward-only here
-    # (the backend declares it, so autograd calls go elsewhere).
-    grads = kernel_head_dim(dtype, E, backward=True) != 0
-    leaves, views = make_inputs(B=2, Hq=2, L=130, S=200, E=E, dtype=dtype)
-    if not grads:
-        with torch.no_grad():
-            check(leaves, views, grads=False)
-        spec = make_spec(*views)
-        assert any("backward" in r for r in BACKEND.not_supported_reasons(spec))
+    check(*make_inputs(B=2, Hq=2, L=130, S=200, E=E, dtype=dtype))
+
+
+@pytest.fixture(params=["device", "small"])
+def bwd_tiles(request, monkeypatch):
+    """The backward's tile set: the device's choice (Large on an H100 or A100),
+    or Small forced (the <= 99 KB tiles of sm_86/sm_89), so one GPU runs both."""
+    if request.param == "small":
+        monkeypatch.setenv("EFFATTN_CUDA_BWD_TILES", "small")
     else:
-        check(leaves, views)
+        monkeypatch.delenv("EFFATTN_CUDA_BWD_TILES", raising=False)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("E,Ev", [(96, 96), (128, 128), (160, 160), (192, 192), (256, 256), (136, 256), (256, 72)])
+def test_backward_tiles(bwd_tiles, E, Ev, dtype):
+    # Every tile set with a column split (192, 256) or a Small variant (96 up):
+    # GQA, causal, lengths and ragged sizes cross the key-tile, column-split and
+    # query-step edges.
+    kl = torch.tensor([300, 117])
+    check(*make_inputs(B=2, Hq=4, Hkv=2, L=211, S=300, E=E, Ev=Ev, dtype=dtype), enable_gqa=True,
+          is_causal=E == 192, key_lengths=kl)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_backward_tiles_window_mask(bwd_tiles, dtype):
+    leaves, views = make_inputs(B=2, Hq=2, L=150, S=190, E=256, dtype=dtype)
+    mask = torch.rand(2, 1, 150, 190, generator=torch.Generator().manual_seed(7)) > 0.2
+    check(leaves, views, attn_mask=mask, window=(60, 20))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)

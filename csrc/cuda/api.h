@@ -13,8 +13,7 @@ namespace cuda {
 enum class DType : int { kHalf = 0, kBFloat16 = 1 };
 
 // The kernel head dim serving head dims (E, Ev): the smallest compiled tile
-// width >= both (forward: 32, 64, 96, 128, 192, 256; backward: up to 128, as
-// dK and dV live in registers), or 0 if none.
+// width >= both (32, 64, 96, 128, 192, 256, forward and backward), or 0 if none.
 int fwd_head_dim(DType dtype, int64_t head_dim, int64_t head_dim_v);
 int bwd_head_dim(DType dtype, int64_t head_dim, int64_t head_dim_v);
 // Bit (8 * dtype + index of the head dim in 32, 64, 96, 128, 192, 256) is set

@@ -76,7 +76,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(Tensor grad_out, std::optional<Tenso
   BwdParams& p = call.params;
   check_launchable(p);
   STD_TORCH_CHECK(cuda::bwd_head_dim(dtype, p.head_dim, p.head_dim_v) != 0,
-                  "effattn (cuda): the backward supports head dims up to 128 (use the triton backend)");
+                  "effattn (cuda): this build has no backward kernel for this head dim (use the triton backend)");
   // Scratch, O(B * H * L): delta and the lse in log2 units (2, B, H, L), and
   // the float32 dQ accumulator (zeroed: the key tiles add into it with atomics).
   Tensor delta = torch::stable::new_empty(q, {2, p.batch, p.heads_q, p.seqlen_q}, ScalarType::Float);

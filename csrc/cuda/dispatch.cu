@@ -2,6 +2,8 @@
 // some head dims (setup.py: EFFATTN_CUDA_HEAD_DIMS defines
 // EFFATTN_CUDA_SELECTED_HDIMS and one EFFATTN_CUDA_HDIM_<D> per dim); calls
 // then go to the smallest compiled tile that holds the head dim.
+#include <type_traits>
+
 #include "api.h"
 #include "launch_templates.h"
 
@@ -20,77 +22,49 @@ namespace {
 
 constexpr int kHeadDims[] = {32, 64, 96, 128, 192, 256};
 
-bool fwd_compiled(int d) {
+// Calls f(std::integral_constant<int, d>) for a compiled head dim d, the one
+// switch over what this build compiled; cudaErrorInvalidValue for any other.
+template <typename F>
+cudaError_t with_head_dim(int d, F&& f) {
   switch (d) {
 #ifdef EFFATTN_CUDA_HDIM_32
-    case 32: return true;
+    case 32: return f(std::integral_constant<int, 32>{});
 #endif
 #ifdef EFFATTN_CUDA_HDIM_64
-    case 64: return true;
+    case 64: return f(std::integral_constant<int, 64>{});
 #endif
 #ifdef EFFATTN_CUDA_HDIM_96
-    case 96: return true;
+    case 96: return f(std::integral_constant<int, 96>{});
 #endif
 #ifdef EFFATTN_CUDA_HDIM_128
-    case 128: return true;
+    case 128: return f(std::integral_constant<int, 128>{});
 #endif
 #ifdef EFFATTN_CUDA_HDIM_192
-    case 192: return true;
+    case 192: return f(std::integral_constant<int, 192>{});
 #endif
 #ifdef EFFATTN_CUDA_HDIM_256
-    case 256: return true;
-#endif
-    default: return false;
-  }
-}
-
-bool bwd_compiled(int d) { return d <= 128 && fwd_compiled(d); }
-
-template <typename T>
-cudaError_t fwd_for(int d, const FwdParams& p, bool aligned, cudaStream_t s) {
-  switch (d) {
-#ifdef EFFATTN_CUDA_HDIM_32
-    case 32: return run_fwd_<T, 32>(p, aligned, s);
-#endif
-#ifdef EFFATTN_CUDA_HDIM_64
-    case 64: return run_fwd_<T, 64>(p, aligned, s);
-#endif
-#ifdef EFFATTN_CUDA_HDIM_96
-    case 96: return run_fwd_<T, 96>(p, aligned, s);
-#endif
-#ifdef EFFATTN_CUDA_HDIM_128
-    case 128: return run_fwd_<T, 128>(p, aligned, s);
-#endif
-#ifdef EFFATTN_CUDA_HDIM_192
-    case 192: return run_fwd_<T, 192>(p, aligned, s);
-#endif
-#ifdef EFFATTN_CUDA_HDIM_256
-    case 256: return run_fwd_<T, 256>(p, aligned, s);
+    case 256: return f(std::integral_constant<int, 256>{});
 #endif
     default: return cudaErrorInvalidValue;
   }
+}
+
+// Every compiled head dim has both a forward and a backward kernel.
+bool compiled(int d) {
+  return with_head_dim(d, [](auto) { return cudaSuccess; }) == cudaSuccess;
+}
+
+template <typename T>
+cudaError_t fwd_for(int d, const FwdParams& p, bool aligned, cudaStream_t s) {
+  return with_head_dim(d, [&](auto D) { return run_fwd_<T, decltype(D)::value>(p, aligned, s); });
 }
 
 template <typename T>
 cudaError_t bwd_for(int d, const BwdParams& p, bool aligned, cudaStream_t s) {
-  switch (d) {
-#ifdef EFFATTN_CUDA_HDIM_32
-    case 32: return run_bwd_<T, 32>(p, aligned, s);
-#endif
-#ifdef EFFATTN_CUDA_HDIM_64
-    case 64: return run_bwd_<T, 64>(p, aligned, s);
-#endif
-#ifdef EFFATTN_CUDA_HDIM_96
-    case 96: return run_bwd_<T, 96>(p, aligned, s);
-#endif
-#ifdef EFFATTN_CUDA_HDIM_128
-    case 128: return run_bwd_<T, 128>(p, aligned, s);
-#endif
-    default: return cudaErrorInvalidValue;
-  }
+  return with_head_dim(d, [&](auto D) { return run_bwd_<T, decltype(D)::value>(p, aligned, s); });
 }
 
-int smallest(bool (*compiled)(int), int64_t e, int64_t ev) {
+int smallest(int64_t e, int64_t ev) {
   const int64_t need = e > ev ? e : ev;
   for (int d : kHeadDims)
     if (d >= need && compiled(d)) return d;
@@ -101,15 +75,14 @@ const char* message(cudaError_t err) { return err == cudaSuccess ? nullptr : cud
 
 }  // namespace
 
-int fwd_head_dim(DType, int64_t e, int64_t ev) { return smallest(fwd_compiled, e, ev); }
-int bwd_head_dim(DType, int64_t e, int64_t ev) { return smallest(bwd_compiled, e, ev); }
+int fwd_head_dim(DType, int64_t e, int64_t ev) { return smallest(e, ev); }
+int bwd_head_dim(DType, int64_t e, int64_t ev) { return smallest(e, ev); }
 
 int64_t compiled_variants() {
   int64_t bits = 0;
   for (int dt = 0; dt < 2; ++dt)
     for (int i = 0; i < 6; ++i) {
-      if (fwd_compiled(kHeadDims[i])) bits |= int64_t(1) << (8 * dt + i);
-      if (bwd_compiled(kHeadDims[i])) bits |= int64_t(1) << (16 + 8 * dt + i);
+      if (compiled(kHeadDims[i])) bits |= (int64_t(1) << (8 * dt + i)) | (int64_t(1) << (16 + 8 * dt + i));
     }
   return bits;
 }
@@ -124,7 +97,7 @@ const char* run_fwd(const FwdParams& p, DType dtype, bool aligned, void* stream)
 
 const char* run_bwd(const BwdParams& p, DType dtype, bool aligned, void* stream) {
   const int d = bwd_head_dim(dtype, p.head_dim, p.head_dim_v);
-  if (d == 0) return "no compiled backward kernel serves this head dim (the backward supports head dims up to 128)";
+  if (d == 0) return "no compiled backward kernel serves this head dim";
   auto s = static_cast<cudaStream_t>(stream);
   return message(dtype == DType::kHalf ? bwd_for<__half>(d, p, aligned, s)
                                        : bwd_for<__nv_bfloat16>(d, p, aligned, s));

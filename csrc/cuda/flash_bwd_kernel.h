@@ -1,8 +1,9 @@
 // The backward kernels, recomputing P from the forward's lse (no L x S buffer):
 //   1. bwd_delta_kernel: delta = rowsum(dO * O) - dlse, one warp per row
 //      (and the lse in log2 units, both in p.delta: (2, B, Hq, L));
-//   2. flash_bwd_kernel: one block per (key tile, kv head, batch). Each warp
-//      owns 16 keys and keeps their dK, dV in float32 registers while the
+//   2. flash_bwd_kernel: one block per (key tile, column split, kv head,
+//      batch). Each warp owns 16 keys and keeps their dK, dV (the split's
+//      kHeadDimAcc columns) in float32 registers while the
 //      block walks the query tiles of every q head of its group (GQA sums
 //      there). Per query tile:  S^T = K Q^T,  P^T = exp2(S^T - lse),
 //      dV += P^T dO,  dP^T = V dO^T,  dS^T = P^T (dP^T - delta),
@@ -63,7 +64,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   constexpr int kD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
   constexpr int kStride = Traits::kStride, kStrideDs = Traits::kStrideDs, kNT = Traits::kNThreads;
   constexpr int kNTilesQ = kBM / 8;  // 8-wide n-tiles over the query tile
-  constexpr int kNTilesD = kD / 8;   // 8-wide n-tiles over the head dim
+  constexpr int kDA = Traits::kHeadDimAcc;  // this block's columns of dK, dV, dQ
+  constexpr int kNTilesDA = kDA / 8;         // 8-wide n-tiles over them
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -77,7 +79,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;
   const int mi = lane >> 3, r8 = lane & 7;
-  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  // The column splits of a key tile are neighbours in x: they run together and share its loads in L2.
+  const int n_block = blockIdx.x / Traits::kColSplits, hk = blockIdx.y, b = blockIdx.z;
+  const int col0 = (blockIdx.x % Traits::kColSplits) * kDA;
   const int group = p.heads_q / p.heads_kv;
   const int L = p.seqlen_q, S = p.seqlen_k, E = p.head_dim, Ev = p.head_dim_v;
   const int n0 = n_block * kBN;
@@ -95,9 +99,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int num_mb = i_hi > i_lo ? (i_hi + kBM - 1) / kBM - mb_lo : 0;
   const int num_iters = num_mb * group;  // (q head of the group, query tile) pairs
 
-  float acc_dk[kNTilesD][4], acc_dv[kNTilesD][4];
+  float acc_dk[kNTilesDA][4], acc_dv[kNTilesDA][4];
 #pragma unroll
-  for (int j = 0; j < kNTilesD; ++j)
+  for (int j = 0; j < kNTilesDA; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_dk[j][e] = acc_dv[j][e] = 0.f;
 
@@ -139,7 +143,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const uint32_t sQ_bt = smem_addr(sQ + ((mi & 1) * 8 + r8) * kStride + (mi >> 1) * 8);
   const uint32_t sdO_bt = smem_addr(sdO + ((mi & 1) * 8 + r8) * kStride + (mi >> 1) * 8);
   // dQ = dS @ K: this warp's 16 query rows and kDqCols columns.
-  const int dq_row0 = (warp % Traits::kWarpsM) * 16, dq_col0 = (warp / Traits::kWarpsM) * Traits::kDqCols;
+  const int dq_row0 = (warp % Traits::kWarpsM) * 16, dq_col0 = col0 + (warp / Traits::kWarpsM) * Traits::kDqCols;
   const uint32_t sdS_at = smem_addr(sdS + ((mi >> 1) * 8 + r8) * kStrideDs + dq_row0 + (mi & 1) * 8);
   const uint32_t sK_bt = smem_addr(sK + ((mi & 1) * 8 + r8) * kStride + dq_col0 + (mi >> 1) * 8);
 
@@ -202,9 +206,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
                              pack2<T>(ps[2 * kk + 1][0], ps[2 * kk + 1][1]),
                              pack2<T>(ps[2 * kk + 1][2], ps[2 * kk + 1][3])};
 #pragma unroll
-      for (int dp = 0; dp < kD / 16; ++dp) {
+      for (int dp = 0; dp < kDA / 16; ++dp) {
         uint32_t bd[4];
-        ldmatrix_x4_trans(bd, sdO_bt + do_off + (kk * 16 * kStride + dp * 16) * sizeof(T));
+        ldmatrix_x4_trans(bd, sdO_bt + do_off + (kk * 16 * kStride + col0 + dp * 16) * sizeof(T));
         mma_16816<T>(acc_dv[2 * dp], a, bd[0], bd[1]);
         mma_16816<T>(acc_dv[2 * dp + 1], a, bd[2], bd[3]);
       }
@@ -246,9 +250,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       *reinterpret_cast<uint32_t*>(sdS + key_local0 * kStrideDs + kk * 16 + 8 + 2 * t) = a[2];
       *reinterpret_cast<uint32_t*>(sdS + (key_local0 + 8) * kStrideDs + kk * 16 + 8 + 2 * t) = a[3];
 #pragma unroll
-      for (int dp = 0; dp < kD / 16; ++dp) {
+      for (int dp = 0; dp < kDA / 16; ++dp) {
         uint32_t bq[4];
-        ldmatrix_x4_trans(bq, sQ_bt + q_off + (kk * 16 * kStride + dp * 16) * sizeof(T));
+        ldmatrix_x4_trans(bq, sQ_bt + q_off + (kk * 16 * kStride + col0 + dp * 16) * sizeof(T));
         mma_16816<T>(acc_dk[2 * dp], a, bq[0], bq[1]);
         mma_16816<T>(acc_dk[2 * dp + 1], a, bq[2], bq[3]);
       }
@@ -300,9 +304,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     const int key = n0 + key_local0 + r * 8;
     if (key >= S) continue;
 #pragma unroll
-    for (int j = 0; j < kNTilesD; ++j) {
-      store2<T>(dk + key * p.dk_strides.row, j * 8 + 2 * t, E, acc_dk[j][2 * r] * scale, acc_dk[j][2 * r + 1] * scale);
-      store2<T>(dv + key * p.dv_strides.row, j * 8 + 2 * t, Ev, acc_dv[j][2 * r], acc_dv[j][2 * r + 1]);
+    for (int j = 0; j < kNTilesDA; ++j) {
+      const int c = col0 + j * 8 + 2 * t;
+      store2<T>(dk + key * p.dk_strides.row, c, E, acc_dk[j][2 * r] * scale, acc_dk[j][2 * r + 1] * scale);
+      store2<T>(dv + key * p.dv_strides.row, c, Ev, acc_dv[j][2 * r], acc_dv[j][2 * r + 1]);
     }
   }
 }

@@ -52,20 +52,26 @@ template <typename T> struct FwdConfig<T, 128> { using Traits = FwdTraits<T, 128
 template <typename T> struct FwdConfig<T, 192> { using Traits = FwdTraits<T, 192, 1, 64, 4>; };
 template <typename T> struct FwdConfig<T, 256> { using Traits = FwdTraits<T, 256, 1, 32, 4>; };
 
-template <typename T_, int kHeadDim_, int kBlockN_, int kBlockM_, int kNWarps_>
+template <typename T_, int kHeadDim_, int kBlockN_, int kBlockM_, int kNWarps_, int kColSplits_ = 1>
 struct BwdTraits {
   using T = T_;
-  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kHeadDim = kHeadDim_;  // the width every tile is loaded at (S^T, dP^T reduce over it)
   static constexpr int kBlockN = kBlockN_;  // keys per block: dK, dV accumulate in registers
   static constexpr int kBlockM = kBlockM_;  // query rows per inner-loop step
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = kNWarps * 32;
+  // Past D = 128, 16 x D float accumulators for both dK and dV no longer fit a
+  // warp's registers: kColSplits blocks share a key tile, each accumulating
+  // dK, dV (and adding dQ) for kHeadDimAcc of the columns. Each recomputes
+  // S^T and dP^T in full, so the MMA work is (2 * kColSplits + 3) / 5 of one block's.
+  static constexpr int kColSplits = kColSplits_;
+  static constexpr int kHeadDimAcc = kHeadDim / kColSplits;
   static constexpr int kStride = kHeadDim + kSmemPad;
   static constexpr int kStrideDs = kBlockM + kSmemPad;  // dS^T tile (keys x queries)
   // dQ = dS @ K: warps split the query rows in 16-row groups, then the columns.
   static constexpr int kWarpsM = kBlockM / 16;
   static constexpr int kWarpsD = kNWarps / kWarpsM;
-  static constexpr int kDqCols = kHeadDim / kWarpsD;
+  static constexpr int kDqCols = kHeadDimAcc / kWarpsD;
   static constexpr int kSmemK = kBlockN * kStride, kSmemV = kBlockN * kStride;
   // Q, dO (and their rows' lse, delta) are double-buffered: the next query
   // tile loads during a whole step.
@@ -78,21 +84,53 @@ struct BwdTraits {
 
   static_assert(kBlockN == 16 * kNWarps, "each warp owns 16 keys");
   static_assert(kHeadDim % 32 == 0 && kBlockM % 16 == 0, "16-wide k-steps, pairs of 8-wide n-tiles");
+  static_assert(kHeadDim % kColSplits == 0 && kHeadDimAcc % 16 == 0, "column splits of 16-wide pairs of n-tiles");
   static_assert(kNWarps % kWarpsM == 0 && kDqCols % 16 == 0, "dQ work splits evenly over warps");
   static_assert((kBlockM * kHeadDim / 8) % kNThreads == 0, "Q/dO tile loads split evenly over threads");
   static_assert((kBlockN * kHeadDim / 8) % kNThreads == 0, "K/V tile loads split evenly over threads");
   static_assert(kBlockM <= kNThreads, "one thread per query row loads lse and delta");
 };
 
-// Backward tiles: a warp's 16 keys keep dK and dV (16 x D floats each) in
-// registers, so D <= 128. 64 queries per step keeps S^T and dP^T at 32
-// registers each. 128 keys (8 warps) per block: every dQ element then takes
-// one float atomic per 128 keys, and the atomics are what limit this kernel.
+// Shared memory a block may opt into: 227 KB on sm_90, 163 KB on sm_80 and
+// sm_87, 99 KB on sm_86, sm_89 and sm_120. The launcher runs Large where it
+// fits the device and Small otherwise; Small fits 99 KB at every head dim.
+constexpr size_t kSmemConsumerGpu = 99 * 1024;
+
+// Backward tiles. Large: a warp's 16 keys keep dK and dV (16 x D floats each)
+// in registers; 64 queries per step keeps S^T and dP^T at 32 registers each;
+// 128 keys (8 warps) per block, so every dQ element takes one float atomic per
+// 128 keys (the atomics limited the first version). 192 and 256 split the
+// columns in two (128 and 96 accumulator columns: no more registers than 128),
+// and 256 takes 32-query steps to fit 227 KB (219 and 209 KB).
+// Small (99 KB): 64 keys per block from D = 96 on (D <= 64's Large fit: 59
+// and 91 KB; 96: 88 KB), 32-query steps at 128 (74 KB), and for 192/256
+// 16-query steps, 192 in three column splits of 64 (with 4 warps, kDqCols
+// must be a multiple of 16: 78 KB) and 256 with 32 keys (2 warps, 68 KB).
 template <typename T, int D> struct BwdConfig;
-template <typename T> struct BwdConfig<T, 32> { using Traits = BwdTraits<T, 32, 128, 64, 8>; };
-template <typename T> struct BwdConfig<T, 64> { using Traits = BwdTraits<T, 64, 128, 64, 8>; };
-template <typename T> struct BwdConfig<T, 96> { using Traits = BwdTraits<T, 96, 128, 64, 8>; };
-template <typename T> struct BwdConfig<T, 128> { using Traits = BwdTraits<T, 128, 128, 64, 8>; };
+template <typename T> struct BwdConfig<T, 32> {
+  using Large = BwdTraits<T, 32, 128, 64, 8>;
+  using Small = Large;
+};
+template <typename T> struct BwdConfig<T, 64> {
+  using Large = BwdTraits<T, 64, 128, 64, 8>;
+  using Small = Large;
+};
+template <typename T> struct BwdConfig<T, 96> {
+  using Large = BwdTraits<T, 96, 128, 64, 8>;
+  using Small = BwdTraits<T, 96, 64, 64, 4>;
+};
+template <typename T> struct BwdConfig<T, 128> {
+  using Large = BwdTraits<T, 128, 128, 64, 8>;
+  using Small = BwdTraits<T, 128, 64, 32, 4>;
+};
+template <typename T> struct BwdConfig<T, 192> {
+  using Large = BwdTraits<T, 192, 128, 64, 8, 2>;
+  using Small = BwdTraits<T, 192, 64, 16, 4, 3>;
+};
+template <typename T> struct BwdConfig<T, 256> {
+  using Large = BwdTraits<T, 256, 128, 32, 8, 2>;
+  using Small = BwdTraits<T, 256, 32, 16, 2, 2>;
+};
 
 }  // namespace cuda
 }  // namespace effattn

@@ -5,6 +5,10 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
 #include "flash_bwd_kernel.h"
 #include "flash_fwd_kernel.h"
 
@@ -49,7 +53,7 @@ cudaError_t launch_bwd(const BwdParams& p, bool aligned, cudaStream_t stream) {
     constexpr size_t smem = Traits::kSmemBytes;
     cudaError_t err = set_smem_limit(kernel, smem);
     if (err != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>((p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN),
+    const dim3 grid(static_cast<unsigned>((p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN * Traits::kColSplits),
                     static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
     kernel<<<grid, Traits::kNThreads, smem, stream>>>(p, aligned);
     err = cudaGetLastError();
@@ -62,6 +66,36 @@ cudaError_t launch_bwd(const BwdParams& p, bool aligned, cudaStream_t stream) {
     return cudaGetLastError();
   }
   return cudaSuccess;
+}
+
+// The backward's tile set for this device: Large where its shared memory fits
+// what a block may opt into, Small (<= 99 KB, every sm_80+ GPU) otherwise.
+// EFFATTN_CUDA_BWD_TILES=small|large overrides the choice (tests run Small
+// on GPUs that would pick Large).
+template <typename Config>
+cudaError_t launch_bwd_for_device(const BwdParams& p, bool aligned, cudaStream_t stream) {
+  using Large = typename Config::Large;
+  using Small = typename Config::Small;
+  static_assert(Small::kSmemBytes <= kSmemConsumerGpu, "the Small backward tiles fit every sm_80+ GPU");
+  static_assert(Large::kSmemBytes <= 227 * 1024, "the Large backward tiles fit an sm_90 block");
+  if constexpr (std::is_same_v<Large, Small>) {
+    return launch_bwd<Large>(p, aligned, stream);
+  } else {
+    const char* force = std::getenv("EFFATTN_CUDA_BWD_TILES");
+    bool large;
+    if (force != nullptr && std::strcmp(force, "small") == 0) {
+      large = false;
+    } else if (force != nullptr && std::strcmp(force, "large") == 0) {
+      large = true;
+    } else {
+      int device = 0, optin = 0;
+      cudaError_t err = cudaGetDevice(&device);
+      if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+      if (err != cudaSuccess) return err;
+      large = Large::kSmemBytes <= static_cast<size_t>(optin);
+    }
+    return large ? launch_bwd<Large>(p, aligned, stream) : launch_bwd<Small>(p, aligned, stream);
+  }
 }
 
 }  // namespace cuda

@@ -1,6 +1,12 @@
 """The CUDA C++ kernels (csrc/cuda): a FlashAttention-2-style forward and
 recompute backward on tensor cores (mma.sync m16n8k16, compute capability 8.0+),
-float16 and bfloat16, head dims up to 256 (backward up to 128)."""
+float16 and bfloat16, head dims up to 256, forward and backward.
+
+The backward picks its tiles by the shared memory a block may use on the
+device (csrc/cuda/kernel_traits.h, BwdConfig): Large on sm_80/sm_90 where they
+fit, Small (<= 99 KB) on sm_86/sm_89 and newer consumer parts.
+EFFATTN_CUDA_BWD_TILES=small forces Small (the tests use it to run both sets
+on one GPU)."""
 from __future__ import annotations
 
 from typing import List
@@ -76,7 +82,7 @@ class CudaBackend(Backend):
                 reasons.append(f"this build has no CUDA kernel for head dim {need} "
                                "(EFFATTN_CUDA_HEAD_DIMS at build time)")
             elif _needs_backward(spec) and kernel_head_dim(spec.dtype, need, backward=True) == 0:
-                reasons.append(f"the backward supports head dims up to 128, got {need} "
+                reasons.append(f"this build has no CUDA backward kernel for head dim {need} "
                                "(inputs require grad)")
         if spec.dropout_p > 0.0:
             reasons.append("does not implement dropout")

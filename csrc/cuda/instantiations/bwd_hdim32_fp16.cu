@@ -6,7 +6,7 @@ namespace cuda {
 
 template <>
 cudaError_t run_bwd_<__half, 32>(const BwdParams& p, bool aligned, cudaStream_t stream) {
-  return launch_bwd<BwdConfig<__half, 32>::Traits>(p, aligned, stream);
+  return launch_bwd_for_device<BwdConfig<__half, 32>>(p, aligned, stream);
 }
 
 }  // namespace cuda

@@ -6,7 +6,7 @@ namespace cuda {
 
 template <>
 cudaError_t run_bwd_<__nv_bfloat16, 96>(const BwdParams& p, bool aligned, cudaStream_t stream) {
-  return launch_bwd<BwdConfig<__nv_bfloat16, 96>::Traits>(p, aligned, stream);
+  return launch_bwd_for_device<BwdConfig<__nv_bfloat16, 96>>(p, aligned, stream);
 }
 
 }  // namespace cuda
