@@ -21,7 +21,7 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ..ops import empty_in_layout_of, recompute_autograd
+from ..ops import EagerCaller, empty_in_layout_of, recompute_autograd
 from . import configs
 from .backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .forward import attn_fwd_kernel, merge_splits_kernel
@@ -209,6 +209,7 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
 
 _backward, _setup_context = recompute_autograd(lambda: torch.ops.effattn.triton_bwd)
 triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+_call_fwd = EagerCaller(torch.ops.effattn.triton_fwd.default, _backward, _setup_context)
 
 
 def fwd(spec, fp32_ieee: bool) -> Tuple[Tensor, Tensor]:
@@ -216,5 +217,5 @@ def fwd(spec, fp32_ieee: bool) -> Tuple[Tensor, Tensor]:
     left, right = spec.window
     if spec.is_causal:  # top-left aligned, as SDPA's
         right = 0 if right < 0 else min(right, 0)
-    return torch.ops.effattn.triton_fwd(spec.q, spec.k, spec.v, spec.mask, spec.key_lengths,
-                                        spec.query_lengths, spec.scale, left, right, fp32_ieee)
+    return _call_fwd(spec.q, spec.k, spec.v, spec.mask, spec.key_lengths, spec.query_lengths, spec.scale,
+                     left, right, fp32_ieee)
