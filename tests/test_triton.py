@@ -49,6 +49,45 @@ def test_short_queries_split_keys(L, dtype, extra):
     check_against_oracle(q, k, v, TRITON, **kw)
 
 
+TMA_CASES = {
+    "dense": (dict(E=64), {}),
+    "causal_gqa_bf16": (dict(Hq=4, Hkv=2, E=32, dtype=torch.bfloat16), dict(is_causal=True, enable_gqa=True)),
+    "lengths_window": (dict(E=64), dict(key_lengths=torch.tensor([300, 170]), window=(None, 150))),
+    "mask_blhe_fp16": (dict(E=32, dtype=torch.float16, layout="blhe"),
+                       dict(attn_mask=torch.rand(1, 1, 300, 300, generator=torch.Generator().manual_seed(3)) > 0.3)),
+    "value_dim": (dict(E=32, Ev=64), {}),
+}
+
+
+@pytest.mark.parametrize("case", TMA_CASES)
+def test_tensor_descriptor_loads(case, monkeypatch):
+    """EFFATTN_TRITON_TMA=1 (opt-in): the forward's interior K/V blocks through
+    tensor descriptors, as exact as the plain loads; and the path is really
+    taken (300 keys leave interior blocks)."""
+    from effattn.triton import ops
+    monkeypatch.setenv("EFFATTN_TRITON_TMA", "1")
+    taken = []
+    real = ops._use_tma
+    monkeypatch.setattr(ops, "_use_tma", lambda *a: taken.append(real(*a)) or taken[-1])
+    shape, kw = TMA_CASES[case]
+    q, k, v = make_qkv(**{"B": 2, "Hq": 2, "L": 300, "S": 300, **shape})
+    check_against_oracle(q, k, v, TRITON, **kw)
+    assert taken and all(taken), taken
+
+
+def test_tensor_descriptor_loads_decline_unaligned_strides(monkeypatch):
+    from effattn.triton import ops
+    monkeypatch.setenv("EFFATTN_TRITON_TMA", "1")
+    q, k, v = make_qkv(B=1, Hq=2, L=40, S=40, E=16, layout="strided", requires_grad=False)  # rows of 21
+    assert not ops._use_tma(q, k, v, 16, 16)
+    q, k, v = make_qkv(B=1, Hq=2, L=40, S=40, E=40, requires_grad=False)  # not a power of two
+    assert not ops._use_tma(q, k, v, 64, 64)
+    q, k, v = make_qkv(B=1, Hq=2, L=40, S=40, E=16, requires_grad=False)
+    assert ops._use_tma(q, k, v, 16, 16)  # the control: aligned and opted in
+    monkeypatch.setenv("EFFATTN_TRITON_TMA", "0")
+    assert not ops._use_tma(q, k, v, 16, 16)
+
+
 def test_short_query_that_sees_nothing_in_some_splits():
     # key_lengths end inside the first split: the other splits see no key (lse -inf, weight 0)
     q, k, v = make_qkv(B=2, Hq=1, L=3, S=1200, E=16)

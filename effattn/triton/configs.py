@@ -106,6 +106,6 @@ def launcher(kernel, kind: str, d_pad: int, elem: int, interpret: bool, long: bo
             configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
                      for bm, bn, w, s in cands],
             key=["L_BUCKET", "S_BUCKET", "HEAD_DIM_PAD", "HEAD_DIM_V_PAD", "MASK_KIND",
-                 "HAS_KEY_LENGTHS", "HAS_QUERY_LENGTHS", "PRECISION"],
+                 "HAS_KEY_LENGTHS", "HAS_QUERY_LENGTHS", "PRECISION", "USE_TMA"],
         )(kernel)
     return _AUTOTUNED[key], None

@@ -19,6 +19,12 @@ output and LSE in float32, and ``merge_splits`` combines them by their LSEs.
 
 Rows that see no key (all masked, past query_lengths) get out = 0, lse = -inf.
 
+Tensor-memory-accelerator loads (USE_TMA, Hopper and newer, opt-in through
+EFFATTN_TRITON_TMA until measured: see ops.py): the interior blocks read K and
+V through device-side tensor descriptors over (B, Hkv, S, E), so the copy
+engine moves whole tiles with no per-element address arithmetic or masks. The
+edge blocks keep plain masked loads.
+
 Sizes and window bounds are not specialised on (do_not_specialize): they feed
 only masks and loop bounds, and a compile per length pattern would cost more
 than it gains. Strides are, so row loads stay 16-byte vectors.
@@ -30,19 +36,25 @@ from .tiles import load_mask, mma, query_block_key_ranges, sequence_lengths, str
 
 
 @triton.jit
-def _fwd_block(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_d,
-               offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, L, S, key_len, query_len,
+def _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, tile_b, tile_h, mask_base, start_n, offs_m,
+               offs_n0, offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, L, S, key_len, query_len,
                qk_scale, near, far,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, STRUCTURE_MASK: tl.constexpr,
                MASK_KIND: tl.constexpr,
-               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One key block of the online softmax; returns the updated (acc, m, l)."""
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """One key block of the online softmax; returns the updated (acc, m, l).
+    With USE_TMA (interior blocks only: every key is < S) K and V come through
+    the descriptors k_desc, v_desc at (tile_b, tile_h, start_n, 0)."""
     offs_n = start_n + offs_n0
-    # K^T tile (HEAD_DIM_PAD, BLOCK_N): keys past S read as zeros (and are masked)
-    kt_mask = offs_d[:, None] < HEAD_DIM
-    if STRUCTURE_MASK:
-        kt_mask = kt_mask & (offs_n[None, :] < S)
-    kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None], mask=kt_mask, other=0.0)
+    if USE_TMA:
+        kt = tl.trans(k_desc.load([tile_b, tile_h, start_n, 0]).reshape(offs_n0.shape[0], offs_d.shape[0]))
+    else:
+        # K^T tile (HEAD_DIM_PAD, BLOCK_N): keys past S read as zeros (and are masked)
+        kt_mask = offs_d[:, None] < HEAD_DIM
+        if STRUCTURE_MASK:
+            kt_mask = kt_mask & (offs_n[None, :] < S)
+        kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None], mask=kt_mask,
+                     other=0.0)
     s = mma(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, PRECISION) * qk_scale
     if MASK_KIND == 2:
         s += load_mask(mask_base, offs_m[:, None], offs_n[None, :], stride_mm, stride_mn, L, S, MASK_KIND)
@@ -63,10 +75,14 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, off
     p = tl.math.exp2(s - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v_mask = offs_dv[None, :] < HEAD_DIM_V
-    if STRUCTURE_MASK:
-        v_mask = v_mask & (offs_n[:, None] < S)
-    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :], mask=v_mask, other=0.0)
+    if USE_TMA:
+        v = v_desc.load([tile_b, tile_h, start_n, 0]).reshape(offs_n0.shape[0], offs_dv.shape[0])
+    else:
+        v_mask = offs_dv[None, :] < HEAD_DIM_V
+        if STRUCTURE_MASK:
+            v_mask = v_mask & (offs_n[:, None] < S)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :], mask=v_mask,
+                    other=0.0)
     acc = mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
     return acc, m_new, l_i
 
@@ -95,6 +111,7 @@ def attn_fwd_kernel(
     HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool (uint8), 2 additive float
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -115,6 +132,16 @@ def attn_fwd_kernel(
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    k_desc = None
+    v_desc = None
+    if USE_TMA:  # (B, Hkv, S, E) views of K and V; the host checked TMA's alignment rules
+        n_b = tl.num_programs(1) // H
+        k_desc = tl.make_tensor_descriptor(K, shape=[n_b, H // GROUP, S, HEAD_DIM],
+                                           strides=[stride_kb, stride_kh, stride_kn, 1],
+                                           block_shape=[1, 1, BLOCK_N, HEAD_DIM_PAD])
+        v_desc = tl.make_tensor_descriptor(V, shape=[n_b, H // GROUP, S, HEAD_DIM_V],
+                                           strides=[stride_vb, stride_vh, stride_vn, 1],
+                                           block_shape=[1, 1, BLOCK_N, HEAD_DIM_V_PAD])
     mask_base = MASK
     if MASK_KIND != 0:
         mask_base = MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
@@ -131,25 +158,25 @@ def attn_fwd_kernel(
                     mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM), other=0.0)
         # ---- near edge: masked ----
         for start_n in range(lo, a, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m,
-                                       offs_n0, offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn,
-                                       L, S, key_len, query_len, qk_scale, window_left, window_right,
-                                       HEAD_DIM, HEAD_DIM_V, True, MASK_KIND,
-                                       UPCAST, PRECISION)
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_base,
+                                       start_n, offs_m, offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
+                                       stride_mm, stride_mn, L, S, key_len, query_len, qk_scale, window_left,
+                                       window_right, HEAD_DIM, HEAD_DIM_V, True, MASK_KIND,
+                                       UPCAST, PRECISION, False)
         # ---- interior: every pair visible by structure ----
         for start_n in range(a, c, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m,
-                                       offs_n0, offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn,
-                                       L, S, key_len, query_len, qk_scale, window_left, window_right,
-                                       HEAD_DIM, HEAD_DIM_V, False, MASK_KIND,
-                                       UPCAST, PRECISION)
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_base,
+                                       start_n, offs_m, offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
+                                       stride_mm, stride_mn, L, S, key_len, query_len, qk_scale, window_left,
+                                       window_right, HEAD_DIM, HEAD_DIM_V, False, MASK_KIND,
+                                       UPCAST, PRECISION, USE_TMA)
         # ---- far edge: masked ----
         for start_n in range(c, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m,
-                                       offs_n0, offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn,
-                                       L, S, key_len, query_len, qk_scale, window_left, window_right,
-                                       HEAD_DIM, HEAD_DIM_V, True, MASK_KIND,
-                                       UPCAST, PRECISION)
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_base,
+                                       start_n, offs_m, offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
+                                       stride_mm, stride_mn, L, S, key_len, query_len, qk_scale, window_left,
+                                       window_right, HEAD_DIM, HEAD_DIM_V, True, MASK_KIND,
+                                       UPCAST, PRECISION, False)
 
     # ---- epilogue: normalise; rows that saw nothing (or are padding) give 0 and -inf ----
     empty = (l_i == 0.0) | (offs_m >= query_len)

@@ -90,6 +90,36 @@ def _window(side: int) -> int:
     return UNBOUNDED if side < 0 else min(side, UNBOUNDED)
 
 
+def _use_tma(q: Tensor, k: Tensor, v: Tensor, head_dim_pad: int, head_dim_v_pad: int) -> bool:
+    """Whether the forward's interior blocks load K and V through tensor descriptors.
+
+    Opt-in (EFFATTN_TRITON_TMA=1) until measured on a GPU: tested for
+    correctness under the interpreter, and compiled for sm_90 on the CPU
+    (bench/dev/triton_aot.py), but never run on a GPU. Needs Hopper or newer
+    (or the interpreter), power-of-two head dims, and TMA's alignment: 16-byte
+    aligned bases and 16-byte multiples for every stride but the last. Not
+    under torch.compile (device-side descriptors need triton.set_allocator's
+    scratch memory, which a compiled graph does not set up)."""
+    if os.environ.get("EFFATTN_TRITON_TMA", "0") != "1" or torch.compiler.is_compiling():
+        return False
+    if k.shape[-1] != head_dim_pad or v.shape[-1] != head_dim_v_pad:
+        return False
+    if not INTERPRET and (q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9):
+        return False
+    for t in (k, v):
+        es = t.element_size()
+        if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:3]):
+            return False
+    return True
+
+
+def _tma_scratch(device: torch.device):
+    """triton.set_allocator's callback: scratch for device-side descriptors."""
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+    return alloc
+
+
 def _precision(dtype: torch.dtype, fp32_ieee: bool) -> str:
     return "ieee" if dtype == torch.float32 and fp32_ieee else "tf32"
 
@@ -126,6 +156,9 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_leng
             o_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2), H, L, splits,
             HEAD_DIM_V=EV, HEAD_DIM_V_PAD=meta["HEAD_DIM_V_PAD"], BLOCK_M=16, num_warps=4)
         return out, lse
+    use_tma = _use_tma(q, k, v, meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"])
+    if use_tma:
+        triton.set_allocator(_tma_scratch(q.device))
     kernel, fixed = configs.launcher(attn_fwd_kernel, "fwd", meta["HEAD_DIM_PAD"], elem, INTERPRET, max(L, S) > 256)
     grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H, 1)  # noqa: E731
     wrap_triton(kernel)[grid](
@@ -134,7 +167,7 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_leng
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2), 0, 0,
         *args_tail, max(S, 1), _bucket(L), _bucket(S), scale * LOG2E, window_left, window_right,
-        **meta, **(fixed or {}))
+        USE_TMA=use_tma, **meta, **(fixed or {}))
     return out, lse
 
 
