@@ -1,6 +1,7 @@
 """Quick diagnostic of the CUDA kernels on a GPU: max errors of out, lse and the
 gradients against the float64 reference math (on the GPU), per config; with
---small, a few tiny calls only (for compute-sanitizer)."""
+--small, a few tiny calls only (for compute-sanitizer). EFFATTN_CUDA_BWD_TILES=small
+runs the backward's 99 KB tiles on a GPU that would pick the large ones."""
 import sys
 
 import torch
@@ -51,8 +52,9 @@ CONFIGS = [
     dict(B=2, H=2, L=300, S=300, E=128, causal=True),
     dict(B=2, H=4, Hkv=2, L=150, S=170, E=64, causal=True),
     dict(B=2, H=2, L=200, S=180, E=40, layout="strided"),
-    dict(B=2, H=2, L=130, S=140, E=256, grads=False),
-    dict(B=2, H=2, L=130, S=140, E=192, grads=False),
+    dict(B=2, H=2, L=130, S=140, E=256),
+    dict(B=2, H=2, L=130, S=140, E=192),
+    dict(B=2, H=4, Hkv=2, L=211, S=300, E=160, causal=True),
     dict(B=1, H=2, L=300, S=260, E=64, window=(16, 0)),
     dict(B=1, H=2, L=100, S=150, E=32, dtype=torch.float16),
 ]
@@ -65,7 +67,8 @@ if __name__ == "__main__":
         kl = torch.tensor([50, 3], device="cuda")
         cfgs.append(dict(B=2, H=2, L=70, S=90, E=64, kl=kl, ql=torch.tensor([70, 0], device="cuda")))
         cfgs.append(dict(B=2, H=2, L=70, S=90, E=64, mask=torch.rand(2, 1, 70, 90, device="cuda") > 0.5))
-        cfgs.append(dict(B=1, H=1, L=40, S=50, E=256, grads=False))
+        cfgs.append(dict(B=1, H=1, L=40, S=50, E=256))  # column-split backward
+        cfgs.append(dict(B=1, H=2, L=40, S=70, E=192, causal=True))
     for c in cfgs:
         try:
             r = run(**c)
