@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import assert_bound
+import effattn
 from effattn import reference
 from effattn.backends.cuda import CudaBackend
 from effattn.spec import make_spec
@@ -240,6 +241,20 @@ def test_fully_masked_rows_are_zero(dtype):
     out.sum().backward()
     assert (k.grad[0] == 0).all() and (v.grad[0] == 0).all() and (q.grad[0] == 0).all()
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_declines_backward_under_deterministic_algorithms():
+    leaves, views = make_inputs(B=1, Hq=2, L=64, S=64, E=64)
+    prior = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert any("deterministic" in r for r in BACKEND.not_supported_reasons(make_spec(*views)))
+        with torch.no_grad():  # the forward has no atomics: still served
+            assert not BACKEND.not_supported_reasons(make_spec(*views))
+        rep = effattn.backends(*views)
+        assert rep["cuda"] and (not rep["triton"] or rep.usable()[0] != "cuda")
+    finally:
+        torch.use_deterministic_algorithms(prior)
 
 
 def test_declares_unsupported():

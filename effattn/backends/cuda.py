@@ -84,6 +84,9 @@ class CudaBackend(Backend):
             elif _needs_backward(spec) and kernel_head_dim(spec.dtype, need, backward=True) == 0:
                 reasons.append(f"this build has no CUDA backward kernel for head dim {need} "
                                "(inputs require grad)")
+        if _needs_backward(spec) and torch.are_deterministic_algorithms_enabled():
+            reasons.append("its backward adds dQ with float atomics, which is not deterministic "
+                           "(torch.use_deterministic_algorithms is on; the triton and cpu backends are)")
         if spec.dropout_p > 0.0:
             reasons.append("does not implement dropout")
         if spec.q.shape[0] > 65535 or spec.heads_q > 65535:
