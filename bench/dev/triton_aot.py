@@ -1,10 +1,16 @@
-"""Compiles the Triton forward kernel ahead of time for a GPU target, without a
-GPU (Triton ships ptxas), and prints its resource use; with --dump DIR it also
-writes the PTX and SASS. Used to check that a kernel change leaves the
-verified variant's code unchanged, and that a new variant compiles, before
-device time is spent on it.
+"""Compiles the Triton kernels ahead of time for a GPU target, without a GPU
+(Triton ships ptxas), and reports what ptxas gives each config: registers,
+spill stack and shared memory. With --dump DIR it also writes the PTX, TTGIR
+and SASS of the first one.
 
-    python bench/dev/triton_aot.py [--arch 90] [--head-dim 128] [--tma 0|1] [--dump DIR]
+It answers, before any device time is spent: does a kernel change leave the
+verified variant's code unchanged (compare the SASS), does a new variant
+compile for sm_90, and which autotune candidates spill or would not fit a
+smaller GPU's shared memory (sm_80: 163 KB, sm_86/89: 99 KB per block). It
+says nothing about speed: the autotuner measures that on the GPU.
+
+    python bench/dev/triton_aot.py [--kernels fwd,dkdv,dq] [--arch 90] [--head-dims 64,128,256]
+        [--configs all|BM,BN,W,S;...] [--tma 0|1] [--dump DIR] [--md FILE]
 """
 import argparse
 import os
@@ -16,31 +22,46 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from effattn.triton import configs as cfgs
+from effattn.triton.backward import bwd_dkdv_kernel, bwd_dq_kernel
 from effattn.triton.forward import attn_fwd_kernel
 
-POINTERS = ("Q", "K", "V", "O", "LSE", "MASK", "KEY_LENGTHS", "QUERY_LENGTHS")
+KERNELS = {"fwd": attn_fwd_kernel, "dkdv": bwd_dkdv_kernel, "dq": bwd_dq_kernel}
+FLOAT_POINTERS = {"LSE", "LSE2", "DELTA"}  # float32 rows; other upper-case pointers are by name below
+INT_POINTERS = {"KEY_LENGTHS", "QUERY_LENGTHS"}
+FLOAT_SCALARS = {"qk_scale", "scale"}
 
 
-def compile_fwd(arch, head_dim, tma=False, block_m=128, block_n=64, num_warps=4, num_stages=3, dtype="bf16"):
+def compile_kernel(kind, arch, head_dim, block, tma=False, dtype="bf16"):
+    kernel = KERNELS[kind]
+    bm, bn, warps, stages = block
     constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, HEAD_DIM_V=head_dim, HEAD_DIM_V_PAD=head_dim,
-                      BLOCK_M=block_m, BLOCK_N=block_n, HAS_KEY_LENGTHS=False, HAS_QUERY_LENGTHS=False,
+                      BLOCK_M=bm, BLOCK_N=bn, HAS_KEY_LENGTHS=False, HAS_QUERY_LENGTHS=False,
                       MASK_KIND=0, UPCAST=False, PRECISION="tf32", USE_TMA=bool(tma))
-    constexprs = {k: v for k, v in constexprs.items() if k in attn_fwd_kernel.arg_names}  # older versions
+    constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
     signature = {}
-    for p in attn_fwd_kernel.params:
-        if p.name in constexprs:
-            signature[p.name] = "constexpr"
-        elif p.name in POINTERS:
-            signature[p.name] = {"LSE": "*fp32", "MASK": "*u8", "KEY_LENGTHS": "*i64",
-                                 "QUERY_LENGTHS": "*i64"}.get(p.name, "*" + dtype)
-        elif p.name == "qk_scale":
-            signature[p.name] = "fp32"
+    for p in kernel.params:
+        name = p.name
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in FLOAT_POINTERS:
+            signature[name] = "*fp32"
+        elif name in INT_POINTERS:
+            signature[name] = "*i64"
+        elif name == "MASK":
+            signature[name] = "*u8"
+        elif name == "DQ" and kind == "dq":
+            signature[name] = "*" + dtype
+        elif name.isupper() and not name.endswith("BUCKET") and name not in (
+                "H", "HKV", "GROUP", "L", "S", "KEYS_PER_SPLIT"):
+            signature[name] = "*" + dtype
+        elif name in FLOAT_SCALARS:
+            signature[name] = "fp32"
         else:
-            signature[p.name] = "i32"
-    src = ASTSource(attn_fwd_kernel, signature, constexprs)
-    target = GPUTarget("cuda", arch, 64)
-    options = dict(num_warps=num_warps, num_stages=num_stages)
-    return triton.compile(src, target=target, options=options)
+            signature[name] = "i32"
+    src = ASTSource(kernel, signature, constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 64),
+                          options=dict(num_warps=warps, num_stages=stages))
 
 
 def _cuobjdump(flag, cubin):
@@ -51,32 +72,54 @@ def _cuobjdump(flag, cubin):
         return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def resources(cubin):
-    """Registers, stack (spills) and static shared memory from the cubin."""
-    res = _cuobjdump("-res-usage", cubin)
-    m = re.search(r"REG:(\d+) STACK:(\d+)", res)
-    return f"registers {m.group(1)}, stack {m.group(2)} B" if m else res.strip()
+def resources(compiled):
+    """(registers, spill stack bytes, shared bytes) from the cubin and metadata."""
+    m = re.search(r"REG:(\d+) STACK:(\d+)", _cuobjdump("-res-usage", compiled.asm["cubin"]))
+    return int(m.group(1)), int(m.group(2)), int(compiled.metadata.shared)
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--kernels", default="fwd")
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--head-dims", default="128")
+    ap.add_argument("--configs", default="all", help='"all" (the autotune lists) or "BM,BN,W,S;..."')
     ap.add_argument("--tma", type=int, default=0, choices=[0, 1])
-    ap.add_argument("--block", default="128,64,4,3", help="BLOCK_M,BLOCK_N,num_warps,num_stages")
     ap.add_argument("--dump")
+    ap.add_argument("--md", help="append the table to this markdown file")
     a = ap.parse_args()
-    bm, bn, w, s = (int(x) for x in a.block.split(","))
-    k = compile_fwd(a.arch, a.head_dim, a.tma, bm, bn, w, s)
-    print(f"sm_{a.arch} E={a.head_dim} tma={a.tma} block={a.block}: {resources(k.asm['cubin'])}, "
-          f"shared {k.metadata.shared} B")
-    if a.dump:
-        os.makedirs(a.dump, exist_ok=True)
-        for ext in ("ptx", "ttgir"):
-            with open(os.path.join(a.dump, f"fwd.{ext}"), "w") as f:
-                f.write(k.asm[ext])
-        with open(os.path.join(a.dump, "fwd.sass"), "w") as f:
-            f.write(_cuobjdump("-sass", k.asm["cubin"]))
+    lines = [f"| kernel | E | BLOCK_M, BLOCK_N, warps, stages | sm_{a.arch} registers | spill stack (B) | "
+             "shared (KB) | in the autotune list for E |",
+             "|---|---|---|---|---|---|---|"]
+    print(lines[0])
+    for kind in a.kernels.split(","):
+        table = {"fwd": cfgs.FWD, "dkdv": cfgs.DKDV, "dq": cfgs.DQ}[kind]
+        for e in (int(x) for x in a.head_dims.split(",")):
+            blocks = table if a.configs == "all" else [
+                tuple(int(x) for x in c.split(",")) for c in a.configs.split(";")]
+            listed = cfgs.configs(kind, e, 2)
+            for block in blocks:
+                try:
+                    k = compile_kernel(kind, a.arch, e, block, a.tma)
+                    regs, stack, shared = resources(k)
+                    row = f"{regs} | {stack} | {shared / 1024:.0f}"
+                except Exception as exc:  # e.g. out of shared memory for this target
+                    row = f"compile failed: {type(exc).__name__} | - | -"
+                    k = None
+                line = f"| {kind} | {e} | {', '.join(map(str, block))} | {row} | {'yes' if block in listed else 'no'} |"
+                lines.append(line)
+                print(line, flush=True)
+                if a.dump and k is not None:
+                    os.makedirs(a.dump, exist_ok=True)
+                    for ext in ("ptx", "ttgir"):
+                        with open(os.path.join(a.dump, f"{kind}.{ext}"), "w") as f:
+                            f.write(k.asm[ext])
+                    with open(os.path.join(a.dump, f"{kind}.sass"), "w") as f:
+                        f.write(_cuobjdump("-sass", k.asm["cubin"]))
+                    a.dump = None
+    if a.md:
+        with open(a.md, "a") as f:
+            f.write(f"\nTriton {triton.__version__}, target sm_{a.arch}, bf16, tma={a.tma}\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
