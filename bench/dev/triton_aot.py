@@ -59,7 +59,13 @@ def compile_kernel(kind, arch, head_dim, block, tma=False, dtype="bf16"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    src = ASTSource(kernel, signature, constexprs)
+    # What Triton's launcher would specialise for the usual call: 16-byte aligned pointers and
+    # strides that are multiples of 16 elements (e.g. contiguous (B, H, L, E) with E = 64, 128, 256)
+    # get tt.divisibility = 16, which vectorised loads, cp.async and TMA depend on.
+    aligned = [["tt.divisibility", 16]]
+    attrs = {(i,): aligned for i, p in enumerate(kernel.params)
+             if signature[p.name].startswith("*") or p.name.startswith("stride")}
+    src = ASTSource(kernel, signature, constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 64),
                           options=dict(num_warps=warps, num_stages=stages))
 
