@@ -88,6 +88,50 @@ def test_tensor_descriptor_loads_decline_unaligned_strides(monkeypatch):
     assert not ops._use_tma(q, k, v, 16, 16)
 
 
+# Shared memory per block: H100 (sm_90), A100 (sm_80), RTX 30xx/40xx (sm_86/89).
+SMEM_LIMITS = {"sm_90": 232448, "sm_80": 166912, "sm_86": 101376}
+
+
+@pytest.mark.parametrize("gpu", SMEM_LIMITS)
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+def test_configs_fit_the_gpus_shared_memory(kind, gpu):
+    """Every kernel has configs whose shared memory (the sm_90 allocation, an
+    upper bound on sm_80/86: bench/dev/triton_aot.py) fits each GPU, at every
+    head dim and dtype size; the short-query config too. Before, the short
+    path and head dim 256 asked 99 KB GPUs for 106-168 KB."""
+    from effattn.triton import configs
+    limit = SMEM_LIMITS[gpu]
+    for d_pad in (16, 32, 64, 128, 256):
+        for elem in (2, 4):
+            cands = configs.configs(kind, d_pad, elem, limit)
+            assert cands and all(configs.smem_bytes(c, kind, d_pad, elem) <= limit for c in cands), (d_pad, elem)
+            if kind != "dkdv":
+                short = configs.short(d_pad, elem, False, limit)
+                assert configs.smem_bytes(short, kind, d_pad, elem) <= limit, (d_pad, elem, short)
+
+
+@pytest.mark.skipif(GPU, reason="forces the interpreter's blocks (the GPU's come from configs.configs)")
+def test_smallest_blocks(monkeypatch):
+    # The 16 x 16 tiles of the smallest configs (float32 at head dim 256 on 99 KB GPUs), forward and
+    # backward, under the interpreter: the kernels are the same for every block size.
+    from effattn.triton import configs
+    monkeypatch.setattr(configs, "INTERPRETER", (16, 16, 4, 1))
+    q, k, v = make_qkv(B=2, Hq=4, Hkv=2, L=37, S=45, E=24)
+    check_against_oracle(q, k, v, TRITON, is_causal=True, enable_gqa=True, key_lengths=torch.tensor([45, 20]))
+
+
+def test_fixed_configs_on_hopper_are_the_gpu_tested_ones():
+    # EFFATTN_TRITON_AUTOTUNE=0 takes the first config: on an H100 these ran the GPU tests.
+    from effattn.triton import configs
+    first = {k: {d: configs.configs(k, d, 2, SMEM_LIMITS["sm_90"])[0] for d in (64, 128, 256)}
+             for k in ("fwd", "dkdv", "dq")}
+    assert first == {"fwd": {64: (128, 64, 4, 3), 128: (128, 64, 4, 3), 256: (128, 32, 4, 4)},
+                     "dkdv": {64: (64, 128, 8, 3), 128: (64, 128, 8, 3), 256: (32, 64, 4, 2)},
+                     "dq": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}}
+    assert configs.short(128, 2, False, SMEM_LIMITS["sm_90"]) == (16, 128, 4, 3)
+    assert configs.short(256, 2, False, SMEM_LIMITS["sm_90"]) == (16, 64, 4, 3)
+
+
 def test_short_query_that_sees_nothing_in_some_splits():
     # key_lengths end inside the first split: the other splits see no key (lse -inf, weight 0)
     q, k, v = make_qkv(B=2, Hq=1, L=3, S=1200, E=16)

@@ -10,7 +10,7 @@ smaller GPU's shared memory (sm_80: 163 KB, sm_86/89: 99 KB per block). It
 says nothing about speed: the autotuner measures that on the GPU.
 
     python bench/dev/triton_aot.py [--kernels fwd,dkdv,dq] [--arch 90] [--head-dims 64,128,256]
-        [--configs all|BM,BN,W,S;...] [--tma 0|1] [--dump DIR] [--md FILE]
+        [--configs all|BM,BN,W,S;... | --fit BYTES] [--tma 0|1] [--dump DIR] [--md FILE]
 """
 import argparse
 import os
@@ -90,6 +90,8 @@ def main():
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--head-dims", default="128")
     ap.add_argument("--configs", default="all", help='"all" (the autotune lists) or "BM,BN,W,S;..."')
+    ap.add_argument("--fit", type=int, help="shared-memory limit in bytes (e.g. 101376 for sm_86): compile "
+                    "what configs.py picks for it, the short-query config too, and check each fits")
     ap.add_argument("--tma", type=int, default=0, choices=[0, 1])
     ap.add_argument("--dump")
     ap.add_argument("--md", help="append the table to this markdown file")
@@ -101,14 +103,20 @@ def main():
     for kind in a.kernels.split(","):
         table = {"fwd": cfgs.FWD, "dkdv": cfgs.DKDV, "dq": cfgs.DQ}[kind]
         for e in (int(x) for x in a.head_dims.split(",")):
-            blocks = table if a.configs == "all" else [
-                tuple(int(x) for x in c.split(",")) for c in a.configs.split(";")]
-            listed = cfgs.configs(kind, e, 2)
+            listed = cfgs.configs(kind, e, 2, a.fit or cfgs.HOPPER_SMEM)
+            if a.fit:
+                blocks = listed + ([cfgs.short(e, 2, False, a.fit)] if kind != "dkdv" else [])
+            elif a.configs == "all":
+                blocks = table
+            else:
+                blocks = [tuple(int(x) for x in c.split(",")) for c in a.configs.split(";")]
             for block in blocks:
                 try:
                     k = compile_kernel(kind, a.arch, e, block, a.tma)
                     regs, stack, shared = resources(k)
                     row = f"{regs} | {stack} | {shared / 1024:.0f}"
+                    if a.fit:
+                        row += " (fits)" if shared <= a.fit else " (DOES NOT FIT)"
                 except Exception as exc:  # e.g. out of shared memory for this target
                     row = f"compile failed: {type(exc).__name__} | - | -"
                     k = None

@@ -1,11 +1,19 @@
 """Launch configurations for the Triton kernels.
 
 On a GPU the main kernels are autotuned (triton.autotune) over a short list
-per kernel, pruned by head dim before autotuning so that no config that
-cannot fit in shared memory is compiled; the autotune key buckets the
-sequence lengths to powers of two, so variable-length training does not
-re-tune at every new length. ``EFFATTN_TRITON_AUTOTUNE=0`` uses the first
-config of each list instead (the tests do, to keep compile time down).
+per kernel, pruned before autotuning to the configs whose shared memory fits
+the GPU at hand (227 KB per block on Hopper, 163 KB on A100, 99 KB on
+sm_86/89), so no config is compiled that cannot launch; the autotune key
+buckets the sequence lengths to powers of two, so variable-length training
+does not re-tune at every new length. ``EFFATTN_TRITON_AUTOTUNE=0`` uses the
+first fitting config of each list instead (the tests do, to keep compile
+time down).
+
+The shared-memory estimate (``smem_bytes``) is what Triton allocates on
+sm_90, to within 2 KB, for every config below at head dims 64, 128 and 256
+(bench/dev/triton_aot.py compiles them without a GPU; Triton 3.8). On sm_80/86
+Triton allocates less (the first MMA operand stays in registers), so the
+estimate is safe there, if a little conservative.
 
 Under the interpreter (TRITON_INTERPRET=1, CPU tensors) small fixed blocks
 keep the numpy emulation fast while still giving every test several blocks.
@@ -19,18 +27,20 @@ measured them.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Dict, List, Tuple
 
+import torch
 import triton
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 FWD = [
     (128, 64, 4, 3),    # the usual winner for head dim <= 128 (fits 2 CTAs per SM at E=64)
-    (128, 128, 8, 3),   # long sequences, head dim 64: fewer K/V reloads
+    (128, 128, 8, 3),   # long sequences: fewer K/V reloads (the Triton tutorial's Hopper tile at E=128)
     (128, 32, 4, 4),    # head dim 256: small K/V tiles, deeper pipeline
     (64, 64, 4, 3),     # few query rows (short Lq, many programs needed)
-    (128, 64, 8, 3),    # head dim 128-256 on Ampere
+    (128, 64, 8, 3),    # head dim 128-256: 8 warps halve the accumulator registers per thread
 ]
 DKDV = [
     (64, 128, 8, 3),    # keys in registers x 128: fewest Q/dO reloads, head dim <= 128
@@ -44,63 +54,109 @@ DQ = [
     (64, 64, 4, 3),     # head dim 256
     (64, 32, 4, 2),     # head dim 256, smallest
 ]
-# Short queries (Lq <= SHORT_QUERY_ROWS): one 16-row block, keys split across programs.
+# Added on GPUs with less shared memory than Hopper (A100: 163 KB, sm_86/89: 99 KB per
+# block), and wherever none of the lists above fits (float32 at head dim 256): two
+# stages, smaller tiles.
+SMALLER_SMEM = {
+    "fwd": [(128, 64, 8, 2),    # head dim 128 on 99 KB
+            (64, 32, 4, 2),     # head dim 256 on 99 KB; float32 at 256 on Hopper
+            (32, 16, 4, 2)],    # float32 at 256 on 99 KB
+    "dkdv": [(32, 32, 4, 2),    # head dim 256 on 99 KB; float32 at 256 on Hopper
+             (16, 16, 4, 2)],   # float32 at 256 on 99 KB
+    "dq": [(32, 32, 4, 2),
+           (16, 16, 4, 2)],
+}
+# Short queries (Lq <= SHORT_QUERY_ROWS): one 16-row block, keys split across programs
+# (forward and dQ). The first that fits the GPU's shared memory.
 SHORT_QUERY_ROWS = 16
-SHORT = (16, 128, 4, 3)
-SHORT_WIDE = (16, 64, 4, 3)  # head dim 256
+SHORT = [
+    (16, 128, 4, 3),    # head dim <= 128 on Hopper / A100
+    (16, 64, 4, 3),     # head dim 256 on Hopper
+    (16, 64, 4, 2),     # 99 KB GPUs, head dim <= 128; A100 at 256
+    (16, 32, 4, 2),     # 99 KB GPUs, head dim 256
+    (16, 16, 4, 2),     # 99 KB GPUs, float32 at head dim 256
+]
 
 INTERPRETER = (32, 32, 4, 1)
 INTERPRETER_LONG = (128, 128, 4, 1)  # sequences over 256: the interpreter's cost is per block
 
-
-def short(d_pad: int, interpret: bool) -> Tuple[int, int, int, int]:
-    """The short-query (split keys) config."""
-    if interpret:
-        return (16, 64, 4, 1)
-    return SHORT if d_pad <= 128 else SHORT_WIDE
+HOPPER_SMEM = 227 * 1024  # per block, opted in (sm_90); what the lists were written for
 
 
-def _fits(cfg: Tuple[int, int, int, int], kind: str, d_pad: int, elem: int) -> bool:
-    """Rough shared-memory estimate (bytes) of a config, against the H100's 227 KiB
-    (Ampere's 163/99 KiB configs are dropped by the autotuner when they fail)."""
+@functools.lru_cache(maxsize=None)
+def _device_smem(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).shared_memory_per_block_optin)
+
+
+def smem_limit(device: torch.device) -> int:
+    """Shared memory a block may use on ``device`` (bytes); the Hopper figure off the GPU."""
+    if device.type != "cuda":
+        return HOPPER_SMEM
+    return _device_smem(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def smem_bytes(cfg: Tuple[int, int, int, int], kind: str, d_pad: int, elem: int) -> int:
+    """Shared memory of a config as Triton allocates it on sm_90: the streamed
+    tiles once per stage, the tiles a program keeps once."""
     bm, bn, _, stages = cfg
     if kind == "fwd":  # K and V tiles per stage, Q once
-        need = stages * 2 * bn * d_pad * elem + bm * d_pad * elem
-    elif kind == "dkdv":  # Q and dO tiles per stage, K and V once
-        need = stages * 2 * bm * d_pad * elem + 2 * bn * d_pad * elem
-    else:  # dq: K and V tiles per stage, Q and dO once
-        need = stages * 2 * bn * d_pad * elem + 2 * bm * d_pad * elem
-    if d_pad >= 256 and bm * bn > 64 * 64 and kind != "fwd":
-        return False  # the register tiles (BLOCK x 256 fp32 accumulators) would spill
-    return need <= 200 * 1024
+        return (stages * 2 * bn + bm) * d_pad * elem
+    if kind == "dkdv":  # Q and dO tiles per stage, K and V once
+        return (stages * 2 * bm + 2 * bn) * d_pad * elem
+    return (stages * 2 * bn + 2 * bm) * d_pad * elem  # dq: K and V per stage, Q and dO once
+
+
+def _fits(cfg: Tuple[int, int, int, int], kind: str, d_pad: int, elem: int, limit: int) -> bool:
+    bm, bn, _, _ = cfg
+    held = {"dkdv": bn, "dq": bm}.get(kind, 0)
+    if d_pad >= 256 and held > 64:
+        return False  # its fp32 accumulators (dK and dV, or dQ: rows x 256) would spill
+    return smem_bytes(cfg, kind, d_pad, elem) <= limit
+
+
+def short(d_pad: int, elem: int, interpret: bool, limit: int = HOPPER_SMEM) -> Tuple[int, int, int, int]:
+    """The short-query (split keys) config: the first that fits (forward and dQ alike)."""
+    if interpret:
+        return (16, 64, 4, 1)
+    for cfg in SHORT:
+        if all(smem_bytes(cfg, kind, d_pad, elem) <= limit for kind in ("fwd", "dq")):
+            return cfg
+    return SHORT[-1]
 
 
 def autotune_enabled() -> bool:
     return os.environ.get("EFFATTN_TRITON_AUTOTUNE", "1") != "0"
 
 
-def configs(kind: str, d_pad: int, elem: int) -> List[Tuple[int, int, int, int]]:
+def configs(kind: str, d_pad: int, elem: int, limit: int = HOPPER_SMEM) -> List[Tuple[int, int, int, int]]:
+    """The candidates that fit ``limit`` bytes of shared memory, in list order
+    (the first is the fixed config); if none does, the smallest."""
     table = {"fwd": FWD, "dkdv": DKDV, "dq": DQ}[kind]
-    fitting = [c for c in table if _fits(c, kind, d_pad, elem)]
-    return fitting or [table[-1]]
+    fitting = [c for c in table if _fits(c, kind, d_pad, elem, limit)]
+    if limit < HOPPER_SMEM or not fitting:
+        table = table + SMALLER_SMEM[kind]
+        fitting += [c for c in SMALLER_SMEM[kind] if _fits(c, kind, d_pad, elem, limit)]
+    return fitting or [min(table, key=lambda c: smem_bytes(c, kind, d_pad, elem))]
 
 
 _AUTOTUNED: Dict[tuple, object] = {}
 
 
-def launcher(kernel, kind: str, d_pad: int, elem: int, interpret: bool, long: bool = False):
+def launcher(kernel, kind: str, d_pad: int, elem: int, interpret: bool, long: bool = False,
+             limit: int = HOPPER_SMEM):
     """(callable kernel, fixed meta-parameters or None).
 
-    Autotuned: returns a triton.autotune wrapper (one per kernel and head-dim
-    class) and None; otherwise the plain kernel and the config to pass."""
+    Autotuned: returns a triton.autotune wrapper (one per kernel, head-dim
+    class and shared-memory size) and None; otherwise the plain kernel and
+    the config to pass."""
     if interpret:
         bm, bn, w, s = INTERPRETER_LONG if long else INTERPRETER
         return kernel, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-    cands = configs(kind, d_pad, elem)
+    cands = configs(kind, d_pad, elem, limit)
     if not autotune_enabled() or len(cands) == 1:
         bm, bn, w, s = cands[0]
         return kernel, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-    key = (kind, id(kernel), d_pad, elem)
+    key = (kind, id(kernel), d_pad, elem, limit)
     if key not in _AUTOTUNED:
         _AUTOTUNED[key] = triton.autotune(
             configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
