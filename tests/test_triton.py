@@ -84,6 +84,10 @@ def test_tensor_descriptor_loads_decline_unaligned_strides(monkeypatch):
     assert not ops._use_tma(q, k, v, 64, 64)
     q, k, v = make_qkv(B=1, Hq=2, L=40, S=40, E=16, requires_grad=False)
     assert ops._use_tma(q, k, v, 16, 16)  # the control: aligned and opted in
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:  # torch.compile tracing the op's body: no device-side descriptors
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        assert not ops._use_tma(fq, fk, fv, 16, 16)
     monkeypatch.setenv("EFFATTN_TRITON_TMA", "0")
     assert not ops._use_tma(q, k, v, 16, 16)
 

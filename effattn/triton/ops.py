@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from ..ops import EagerCaller, empty_in_layout_of, recompute_autograd
@@ -100,8 +101,8 @@ def _use_tma(q: Tensor, k: Tensor, v: Tensor, head_dim_pad: int, head_dim_v_pad:
     aligned bases and 16-byte multiples for every stride but the last. Not
     under torch.compile (device-side descriptors need triton.set_allocator's
     scratch memory, which a compiled graph does not set up)."""
-    if os.environ.get("EFFATTN_TRITON_TMA", "0") != "1" or torch.compiler.is_compiling():
-        return False
+    if os.environ.get("EFFATTN_TRITON_TMA", "0") != "1" or torch.compiler.is_compiling() or is_fake(q):
+        return False  # (fake tensors: torch.compile tracing this op's body into a graph)
     if k.shape[-1] != head_dim_pad or v.shape[-1] != head_dim_v_pad:
         return False
     if not INTERPRET and (q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9):
