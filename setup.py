@@ -6,7 +6,8 @@ All C++/CUDA code uses only PyTorch's stable ABI and is compiled for torch 2.10
 
 Environment:
   EFFATTN_CPU_ONLY=1       skip the CUDA sources even if nvcc is there
-  TORCH_CUDA_ARCH_LIST     architectures for the CUDA sources (default "8.0;8.6;8.9;9.0")
+  TORCH_CUDA_ARCH_LIST     architectures for the CUDA sources (default "8.0;8.6;8.9;9.0+PTX":
+                           the PTX lets the driver compile the kernels for newer GPUs, e.g. Blackwell)
   EFFATTN_CUDA_HEAD_DIMS   CUDA kernel head dims to compile, e.g. "64;128" (default: all of
                            32;64;96;128;192;256); other head dims run on the next larger one
   DEBUG=1                  -O0 -g
@@ -56,7 +57,7 @@ def extension():
     common = dict(name="effattn._C", include_dirs=[os.path.join(ROOT, "csrc")], py_limited_api=True)
     if not use_cuda:
         return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0+PTX")
     nvcc = (["-O0", "-g", "-lineinfo"] if DEBUG else ["-O3", "-lineinfo"]) + [
         "-std=c++17", TORCH_TARGET, "--use_fast_math", "--expt-relaxed-constexpr",
     ] + cuda_defines
