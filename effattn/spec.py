@@ -83,9 +83,8 @@ class AttentionSpec:
     # ---- output shaping ------------------------------------------------------
     def to_caller_shape(self, t: torch.Tensor) -> torch.Tensor:
         """(B, H, L, ...) -> the caller's (*batch, [H,] L, ...)."""
-        if self.heads_in_shape:
-            return t.reshape(*self.batch_shape, *t.shape[1:])
-        return t.reshape(*self.batch_shape, *t.shape[2:])
+        shape = (*self.batch_shape, *t.shape[1 if self.heads_in_shape else 2:])
+        return t if t.shape == shape else t.reshape(shape)
 
 
 def _fail(msg: str):
@@ -215,8 +214,10 @@ def make_spec(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
                 _fail(f"{name}.size({d}) = {t.shape[d]} must equal query.size({d}) = {batch_shape[d]} "
                       f"(or be 1 to broadcast)")
     tail = 3 if heads_in_shape else 2
-    key = key.expand(*batch_shape, *key.shape[nd - tail:])
-    value = value.expand(*batch_shape, *value.shape[nd - tail:])
+    if tuple(key.shape[:nb]) != batch_shape:  # (no call when nothing broadcasts: each costs microseconds)
+        key = key.expand(*batch_shape, *key.shape[nd - tail:])
+    if tuple(value.shape[:nb]) != batch_shape:
+        value = value.expand(*batch_shape, *value.shape[nd - tail:])
 
     if dropout_p is None:
         dropout_p = 0.0
