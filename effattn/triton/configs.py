@@ -11,9 +11,10 @@ time down).
 
 The shared-memory estimate (``smem_bytes``) is what Triton allocates on
 sm_90, to within 2 KB, for every config below at head dims 64, 128 and 256
-(bench/dev/triton_aot.py compiles them without a GPU; Triton 3.8). On sm_80/86
-Triton allocates less (the first MMA operand stays in registers), so the
-estimate is safe there, if a little conservative.
+(bench/dev/triton_aot.py compiles them without a GPU; Triton 3.8). On sm_80
+and sm_86 Triton allocated less for every config checked
+(bench/results/triton-compile-resources.md), so there the estimate is an
+upper bound.
 
 Under the interpreter (TRITON_INTERPRET=1, CPU tensors) small fixed blocks
 keep the numpy emulation fast while still giving every test several blocks.
@@ -85,7 +86,12 @@ HOPPER_SMEM = 227 * 1024  # per block, opted in (sm_90); what the lists were wri
 
 @functools.lru_cache(maxsize=None)
 def _device_smem(index: int) -> int:
-    return int(torch.cuda.get_device_properties(index).shared_memory_per_block_optin)
+    props = torch.cuda.get_device_properties(index)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    if optin:
+        return int(optin)
+    # (a torch without the field) CUDA's documented per-block limits by compute capability
+    return {(9, 0): 227, (8, 0): 163, (8, 7): 163}.get((props.major, props.minor), 99) * 1024
 
 
 def smem_limit(device: torch.device) -> int:
