@@ -22,8 +22,8 @@ STABLE_TORCH_LIBRARY(effattn, m) {
   // Which CPU kernel variant runs here: 0 baseline, 1 avx2, 2 avx512, 3 avx2_wide
   // (csrc/cpu/kernels.h; EFFATTN_CPU_ISA in the environment narrows it).
   m.def("cpu_isa() -> int");
-  // Which CUDA kernels this build holds: 0 when built without CUDA, else a bit
-  // per (direction, dtype, head dim) (csrc/cuda/api.h, compiled_variants).
+  // Which CUDA kernels this build holds: 0 when built without CUDA, else bit i
+  // for the i-th kernel head dim (csrc/cuda/api.h, compiled_head_dims).
   m.def("cuda_variants() -> int");
 }
 

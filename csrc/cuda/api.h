@@ -13,12 +13,11 @@ namespace cuda {
 enum class DType : int { kHalf = 0, kBFloat16 = 1 };
 
 // The kernel head dim serving head dims (E, Ev): the smallest compiled tile
-// width >= both (32, 64, 96, 128, 192, 256, forward and backward), or 0 if none.
-int fwd_head_dim(DType dtype, int64_t head_dim, int64_t head_dim_v);
-int bwd_head_dim(DType dtype, int64_t head_dim, int64_t head_dim_v);
-// Bit (8 * dtype + index of the head dim in 32, 64, 96, 128, 192, 256) is set
-// for each compiled forward variant, bit 16 + ... for each backward variant.
-int64_t compiled_variants();
+// width >= both (32, 64, 96, 128, 192, 256), or 0 if none. A build compiles
+// each selected head dim for both dtypes and both directions.
+int kernel_head_dim(int64_t head_dim, int64_t head_dim_v);
+// Bit i is set when the i-th of 32, 64, 96, 128, 192, 256 is compiled.
+int64_t compiled_head_dims();
 
 const char* run_fwd(const FwdParams& p, DType dtype, bool aligned, void* stream);
 const char* run_bwd(const BwdParams& p, DType dtype, bool aligned, void* stream);

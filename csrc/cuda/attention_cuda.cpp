@@ -75,8 +75,6 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(Tensor grad_out, std::optional<Tenso
                                scale, is_causal, window_left, window_right);
   BwdParams& p = call.params;
   check_launchable(p);
-  STD_TORCH_CHECK(cuda::bwd_head_dim(dtype, p.head_dim, p.head_dim_v) != 0,
-                  "effattn (cuda): this build has no backward kernel for this head dim (use the triton backend)");
   // Scratch, O(B * H * L): delta and the lse in log2 units (2, B, H, L), and
   // the float32 dQ accumulator (zeroed: the key tiles add into it with atomics).
   Tensor delta = torch::stable::new_empty(q, {2, p.batch, p.heads_q, p.seqlen_q}, ScalarType::Float);
@@ -90,7 +88,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(Tensor grad_out, std::optional<Tenso
   return {call.dq, call.dk, call.dv};
 }
 
-int64_t cuda_variants() { return cuda::compiled_variants(); }
+int64_t cuda_variants() { return cuda::compiled_head_dims(); }
 
 }  // namespace
 }  // namespace effattn

@@ -64,31 +64,26 @@ cudaError_t bwd_for(int d, const BwdParams& p, bool aligned, cudaStream_t s) {
   return with_head_dim(d, [&](auto D) { return run_bwd_<T, decltype(D)::value>(p, aligned, s); });
 }
 
-int smallest(int64_t e, int64_t ev) {
+const char* message(cudaError_t err) { return err == cudaSuccess ? nullptr : cudaGetErrorString(err); }
+
+}  // namespace
+
+int kernel_head_dim(int64_t e, int64_t ev) {
   const int64_t need = e > ev ? e : ev;
   for (int d : kHeadDims)
     if (d >= need && compiled(d)) return d;
   return 0;
 }
 
-const char* message(cudaError_t err) { return err == cudaSuccess ? nullptr : cudaGetErrorString(err); }
-
-}  // namespace
-
-int fwd_head_dim(DType, int64_t e, int64_t ev) { return smallest(e, ev); }
-int bwd_head_dim(DType, int64_t e, int64_t ev) { return smallest(e, ev); }
-
-int64_t compiled_variants() {
+int64_t compiled_head_dims() {
   int64_t bits = 0;
-  for (int dt = 0; dt < 2; ++dt)
-    for (int i = 0; i < 6; ++i) {
-      if (compiled(kHeadDims[i])) bits |= (int64_t(1) << (8 * dt + i)) | (int64_t(1) << (16 + 8 * dt + i));
-    }
+  for (int i = 0; i < 6; ++i)
+    if (compiled(kHeadDims[i])) bits |= int64_t(1) << i;
   return bits;
 }
 
 const char* run_fwd(const FwdParams& p, DType dtype, bool aligned, void* stream) {
-  const int d = fwd_head_dim(dtype, p.head_dim, p.head_dim_v);
+  const int d = kernel_head_dim(p.head_dim, p.head_dim_v);
   if (d == 0) return "no compiled forward kernel serves this head dim";
   auto s = static_cast<cudaStream_t>(stream);
   return message(dtype == DType::kHalf ? fwd_for<__half>(d, p, aligned, s)
@@ -96,7 +91,7 @@ const char* run_fwd(const FwdParams& p, DType dtype, bool aligned, void* stream)
 }
 
 const char* run_bwd(const BwdParams& p, DType dtype, bool aligned, void* stream) {
-  const int d = bwd_head_dim(dtype, p.head_dim, p.head_dim_v);
+  const int d = kernel_head_dim(p.head_dim, p.head_dim_v);
   if (d == 0) return "no compiled backward kernel serves this head dim";
   auto s = static_cast<cudaStream_t>(stream);
   return message(dtype == DType::kHalf ? bwd_for<__half>(d, p, aligned, s)

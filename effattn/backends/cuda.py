@@ -18,7 +18,6 @@ from .base import Backend, best_cuda_capability
 
 # Kernel tile widths; other head dims run on the next larger one (zero-padded).
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
-_DTYPE_INDEX = {torch.float16: 0, torch.bfloat16: 1}
 
 
 def _read_compiled_variants() -> int:
@@ -34,15 +33,16 @@ _COMPILED_VARIANTS = _read_compiled_variants()  # read once: a constant, also un
 
 
 def compiled_variants() -> int:
-    """Bits of effattn::cuda_variants (csrc/cuda/api.h): 0 without CUDA kernels."""
+    """effattn::cuda_variants (csrc/cuda/api.h): bit i for HEAD_DIMS[i] compiled (both dtypes,
+    forward and backward); 0 without CUDA kernels."""
     return _COMPILED_VARIANTS
 
 
-def kernel_head_dim(dtype: torch.dtype, head_dim: int, backward: bool = False) -> int:
+def kernel_head_dim(head_dim: int) -> int:
     """The kernel tile width that serves this head dim (0: none compiled)."""
     bits = compiled_variants()
     for i, d in enumerate(HEAD_DIMS):
-        if d >= head_dim and bits >> ((16 if backward else 0) + 8 * _DTYPE_INDEX[dtype] + i) & 1:
+        if d >= head_dim and bits >> i & 1:
             return d
     return 0
 
@@ -75,15 +75,12 @@ class CudaBackend(Backend):
             return reasons
         E, Ev = spec.q.shape[-1], spec.v.shape[-1]
         need = max(E, Ev)
-        if spec.dtype in _DTYPE_INDEX:
+        if spec.dtype in self.dtypes:
             if need > HEAD_DIMS[-1]:
                 reasons.append(f"supports head dims up to {HEAD_DIMS[-1]}, got {need}")
-            elif kernel_head_dim(spec.dtype, need) == 0:
+            elif kernel_head_dim(need) == 0:
                 reasons.append(f"this build has no CUDA kernel for head dim {need} "
                                "(EFFATTN_CUDA_HEAD_DIMS at build time)")
-            elif _needs_backward(spec) and kernel_head_dim(spec.dtype, need, backward=True) == 0:
-                reasons.append(f"this build has no CUDA backward kernel for head dim {need} "
-                               "(inputs require grad)")
         if _needs_backward(spec) and torch.are_deterministic_algorithms_enabled():
             reasons.append("its backward adds dQ with float atomics, which is not deterministic "
                            "(torch.use_deterministic_algorithms is on; the triton and cpu backends are)")
