@@ -57,6 +57,53 @@ __global__ void __launch_bounds__(256) bwd_dq_convert_kernel(const __grid_consta
   }
 }
 
+// The two warp-level products of the backward, each used twice.
+// Shared x shared: acc (this warp's 16 rows x kN) = A @ B^T, A the warp's 16
+// rows at a_addr, B kN rows at b_addr, both kK wide in shared memory (ldmatrix
+// addresses as set up in the kernel). S^T = K Q^T and dP^T = V dO^T.
+template <typename T, int kK, int kN, int kStride>
+__device__ __forceinline__ void warp_rows_times_rows_t(float (&acc)[kN / 8][4], uint32_t a_addr, uint32_t b_addr) {
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    uint32_t a[4];
+    ldmatrix_x4(a, a_addr + kk * 16 * sizeof(T));
+#pragma unroll
+    for (int np = 0; np < kN / 16; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, b_addr + (np * 16 * kStride + kk * 16) * sizeof(T));
+      mma_16816<T>(acc[2 * np], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Registers x shared: acc (16 x kN) += P @ B, P the warp's 16 x kK float
+// accumulator fragments (rounded to T as the A operand), B kK rows x kN columns
+// in shared memory read transposed from bt_addr. Each A fragment also goes to
+// on_a(kk, a) first. dV += P^T dO and dK += dS^T Q (which stores dS^T on the way).
+template <typename T, int kK, int kN, int kStride, typename OnA>
+__device__ __forceinline__ void warp_frags_times_tile(float (&acc)[kN / 8][4], const float (&p)[kK / 8][4],
+                                                      uint32_t bt_addr, OnA&& on_a) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    const uint32_t a[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
+                           pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                           pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+    on_a(kk, a);
+#pragma unroll
+    for (int dp = 0; dp < kN / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, bt_addr + (kk * 16 * kStride + dp * 16) * sizeof(T));
+      mma_16816<T>(acc[2 * dp], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * dp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     flash_bwd_kernel(const __grid_constant__ BwdParams p, const bool aligned) {
@@ -163,22 +210,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
     // ---- S^T = K @ Q^T (this warp's 16 keys x kBM queries) ---------------
     float ps[kNTilesQ][4];  // S^T, then P^T, then dS^T
-#pragma unroll
-    for (int j = 0; j < kNTilesQ; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) ps[j][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, sK_a + kk * 16 * sizeof(T));
-#pragma unroll
-      for (int mp = 0; mp < kBM / 16; ++mp) {
-        uint32_t bq[4];
-        ldmatrix_x4(bq, sQ_b + q_off + (mp * 16 * kStride + kk * 16) * sizeof(T));
-        mma_16816<T>(ps[2 * mp], a, bq[0], bq[1]);
-        mma_16816<T>(ps[2 * mp + 1], a, bq[2], bq[3]);
-      }
-    }
+    warp_rows_times_rows_t<T, kD, kBM, kStride>(ps, sK_a, sQ_b + q_off);
 
     // ---- P^T = exp2(scale * S^T + bias - lse), masked ---------------------
     const DenseMask<T> dmask = dense_mask<T>(p, b, h);
@@ -200,39 +232,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       }
 
     // ---- dV += P^T @ dO -----------------------------------------------------
-#pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) {
-      const uint32_t a[4] = {pack2<T>(ps[2 * kk][0], ps[2 * kk][1]), pack2<T>(ps[2 * kk][2], ps[2 * kk][3]),
-                             pack2<T>(ps[2 * kk + 1][0], ps[2 * kk + 1][1]),
-                             pack2<T>(ps[2 * kk + 1][2], ps[2 * kk + 1][3])};
-#pragma unroll
-      for (int dp = 0; dp < kDA / 16; ++dp) {
-        uint32_t bd[4];
-        ldmatrix_x4_trans(bd, sdO_bt + do_off + (kk * 16 * kStride + col0 + dp * 16) * sizeof(T));
-        mma_16816<T>(acc_dv[2 * dp], a, bd[0], bd[1]);
-        mma_16816<T>(acc_dv[2 * dp + 1], a, bd[2], bd[3]);
-      }
-    }
+    warp_frags_times_tile<T, kBM, kDA, kStride>(acc_dv, ps, sdO_bt + do_off + col0 * sizeof(T),
+                                                [](int, const uint32_t (&)[4]) {});
 
     // ---- dP^T = V @ dO^T, then dS^T = P^T * (dP^T - delta) -----------------
     {
       float dp_acc[kNTilesQ][4];
-#pragma unroll
-      for (int j = 0; j < kNTilesQ; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dp_acc[j][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        uint32_t a[4];
-        ldmatrix_x4(a, sV_a + kk * 16 * sizeof(T));
-#pragma unroll
-        for (int mp = 0; mp < kBM / 16; ++mp) {
-          uint32_t bd[4];
-          ldmatrix_x4(bd, sdO_b + do_off + (mp * 16 * kStride + kk * 16) * sizeof(T));
-          mma_16816<T>(dp_acc[2 * mp], a, bd[0], bd[1]);
-          mma_16816<T>(dp_acc[2 * mp + 1], a, bd[2], bd[3]);
-        }
-      }
+      warp_rows_times_rows_t<T, kD, kBM, kStride>(dp_acc, sV_a, sdO_b + do_off);
 #pragma unroll
       for (int j = 0; j < kNTilesQ; ++j)
 #pragma unroll
@@ -240,23 +246,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     }
 
     // ---- dK += dS^T @ Q; dS^T to shared memory for dQ ----------------------
-#pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) {
-      const uint32_t a[4] = {pack2<T>(ps[2 * kk][0], ps[2 * kk][1]), pack2<T>(ps[2 * kk][2], ps[2 * kk][3]),
-                             pack2<T>(ps[2 * kk + 1][0], ps[2 * kk + 1][1]),
-                             pack2<T>(ps[2 * kk + 1][2], ps[2 * kk + 1][3])};
-      *reinterpret_cast<uint32_t*>(sdS + key_local0 * kStrideDs + kk * 16 + 2 * t) = a[0];
-      *reinterpret_cast<uint32_t*>(sdS + (key_local0 + 8) * kStrideDs + kk * 16 + 2 * t) = a[1];
-      *reinterpret_cast<uint32_t*>(sdS + key_local0 * kStrideDs + kk * 16 + 8 + 2 * t) = a[2];
-      *reinterpret_cast<uint32_t*>(sdS + (key_local0 + 8) * kStrideDs + kk * 16 + 8 + 2 * t) = a[3];
-#pragma unroll
-      for (int dp = 0; dp < kDA / 16; ++dp) {
-        uint32_t bq[4];
-        ldmatrix_x4_trans(bq, sQ_bt + q_off + (kk * 16 * kStride + col0 + dp * 16) * sizeof(T));
-        mma_16816<T>(acc_dk[2 * dp], a, bq[0], bq[1]);
-        mma_16816<T>(acc_dk[2 * dp + 1], a, bq[2], bq[3]);
-      }
-    }
+    warp_frags_times_tile<T, kBM, kDA, kStride>(
+        acc_dk, ps, sQ_bt + q_off + col0 * sizeof(T), [&](int kk, const uint32_t (&a)[4]) {
+          *reinterpret_cast<uint32_t*>(sdS + key_local0 * kStrideDs + kk * 16 + 2 * t) = a[0];
+          *reinterpret_cast<uint32_t*>(sdS + (key_local0 + 8) * kStrideDs + kk * 16 + 2 * t) = a[1];
+          *reinterpret_cast<uint32_t*>(sdS + key_local0 * kStrideDs + kk * 16 + 8 + 2 * t) = a[2];
+          *reinterpret_cast<uint32_t*>(sdS + (key_local0 + 8) * kStrideDs + kk * 16 + 8 + 2 * t) = a[3];
+        });
     __syncthreads();  // dS^T complete
 
     // ---- dQ += dS @ K (float atomics; scaled at conversion) ----------------
