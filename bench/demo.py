@@ -30,6 +30,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from common import proc_kib  # bench/common.py (this script's folder is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the checkout's effattn (built with setup.py build_ext --inplace)
 try:
@@ -76,14 +78,6 @@ def which_kernel(method, q, k, v, causal):
         except Exception:
             return "sdpa", ""
     return "matmul+softmax", ""
-
-
-def proc_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def measure(method, args):
