@@ -6,8 +6,10 @@ All C++/CUDA code uses only PyTorch's stable ABI and is compiled for torch 2.10
 
 Environment:
   EFFATTN_CPU_ONLY=1       skip the CUDA sources even if nvcc is there
-  TORCH_CUDA_ARCH_LIST     architectures for the CUDA sources (default "8.0;8.6;8.9;9.0+PTX":
-                           the PTX lets the driver compile the kernels for newer GPUs, e.g. Blackwell)
+  TORCH_CUDA_ARCH_LIST     architectures for the CUDA sources (default "8.0;8.6;8.9;9.0a", plus
+                           compute_90 PTX that lets the driver compile the sm_80 kernels for newer
+                           GPUs, e.g. Blackwell). "9.0a" (Hopper's wgmma and TMA) also builds the
+                           Hopper forward; plain "9.0" builds only the sm_80 kernels for Hopper.
   EFFATTN_CUDA_HEAD_DIMS   CUDA kernel head dims to compile, e.g. "64;128" (default: all of
                            32;64;96;128;192;256); other head dims run on the next larger one
   DEBUG=1                  -O0 -g
@@ -42,7 +44,9 @@ def extension():
     # the ISA variant has it (ISO C++ mode turns contraction off by default).
     cxx += ["-std=c++17", "-fvisibility=hidden", "-fno-trapping-math", "-ffp-contract=fast", TORCH_TARGET, "-DEFFATTN_PYTHON_MODULE"]
     sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
-    cuda_sources = rel("csrc/cuda/**/*.cu") + rel("csrc/cuda/**/*.cpp")
+    # csrc/cuda/dev/ holds GPU-side diagnostics and host checks, not part of the module.
+    cuda_sources = [s for s in rel("csrc/cuda/**/*.cu") + rel("csrc/cuda/**/*.cpp")
+                    if not s.startswith(os.path.join("csrc", "cuda", "dev") + os.sep)]
     # One generated file per (direction, dtype, head dim) kernel: keep the selected head dims.
     head_dims = os.environ.get("EFFATTN_CUDA_HEAD_DIMS", "").replace(",", ";").split(";")
     head_dims = [d.strip() for d in head_dims if d.strip()]
@@ -57,10 +61,21 @@ def extension():
     common = dict(name="effattn._C", include_dirs=[os.path.join(ROOT, "csrc")], py_limited_api=True)
     if not use_cuda:
         return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0+PTX")
     nvcc = (["-O0", "-g", "-lineinfo"] if DEBUG else ["-O3", "-lineinfo"]) + [
         "-std=c++17", TORCH_TARGET, "--use_fast_math", "--expt-relaxed-constexpr",
     ] + cuda_defines
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch_list is None:
+        # The default, spelled out: torch adds no arch flags of its own once any -gencode is
+        # given. sm_90a code runs on sm_90 only; the PTX of plain compute_90 is what newer
+        # GPUs (e.g. Blackwell) JIT-compile (the sm_80-class kernels).
+        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ("80", "86", "89", "90a")]
+        nvcc.append("-gencode=arch=compute_90,code=compute_90")
+        sm90a = True
+    else:
+        # Host code must know whether the Hopper forward's sm_90a body exists in this build.
+        sm90a = any(a.split("+")[0] == "9.0a" for a in arch_list.replace(" ", ";").split(";"))
+    nvcc += ["-DEFFATTN_CUDA_SM90A"] if sm90a else []
     return CUDAExtension(
         sources=sources + cuda_sources,
         extra_compile_args={"cxx": cxx + ["-DEFFATTN_WITH_CUDA"], "nvcc": nvcc},

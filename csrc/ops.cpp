@@ -23,7 +23,8 @@ STABLE_TORCH_LIBRARY(effattn, m) {
   // (csrc/cpu/kernels.h; EFFATTN_CPU_ISA in the environment narrows it).
   m.def("cpu_isa() -> int");
   // Which CUDA kernels this build holds: 0 when built without CUDA, else bit i
-  // for the i-th kernel head dim (csrc/cuda/api.h, compiled_head_dims).
+  // for the i-th kernel head dim (csrc/cuda/api.h, compiled_head_dims), and
+  // bit 16 when the Hopper forward (sm_90a) is compiled.
   m.def("cuda_variants() -> int");
 }
 

@@ -16,7 +16,7 @@ import torch
 from conftest import assert_bound
 import effattn
 from effattn import reference
-from effattn.backends.cuda import CudaBackend
+from effattn.backends.cuda import SM90_HEAD_DIMS, CudaBackend, sm90_forward_compiled
 from effattn.spec import make_spec
 
 BACKEND = CudaBackend()
@@ -120,14 +120,30 @@ def check(leaves, views=None, grads=True, return_lse=False, **kw):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("L,S", [(1, 1), (1, 97), (97, 1), (97, 97), (97, 1025), (1025, 97), (1025, 1025)])
-def test_lengths(L, S, dtype):
+def test_lengths(fwd_kernel, L, S, dtype):
     check(*make_inputs(B=1, Hq=2, L=L, S=S, E=64, dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("E", [16, 32, 40, 64, 72, 96, 128, 160, 192, 256])
-def test_head_dims(E, dtype):
+def test_head_dims(fwd_kernel, E, dtype):
     check(*make_inputs(B=2, Hq=2, L=130, S=200, E=E, dtype=dtype))
+
+
+@pytest.fixture(params=["sm80", "sm90"])
+def fwd_kernel(request, monkeypatch):
+    """The forward kernel: the sm_80 one (mma.sync) or the Hopper one (wgmma +
+    TMA), required (EFFATTN_CUDA_SM90=require: a call it can't serve is an
+    error, not a silent fallback) for head dims 64 and 128, the ones it has."""
+    if request.param == "sm90":
+        if not sm90_forward_compiled():
+            pytest.skip("this build has no Hopper forward (TORCH_CUDA_ARCH_LIST without 9.0a)")
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip(f"the Hopper forward needs an sm_90 GPU, this is sm_{''.join(map(str, torch.cuda.get_device_capability()))}")
+        monkeypatch.setenv("EFFATTN_CUDA_SM90", "require")
+    else:
+        monkeypatch.delenv("EFFATTN_CUDA_SM90", raising=False)
+    return request.param
 
 
 @pytest.fixture(params=["device", "small"])
@@ -160,7 +176,7 @@ def test_backward_tiles_window_mask(bwd_tiles, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_value_head_dim_differs(dtype):
+def test_value_head_dim_differs(fwd_kernel, dtype):
     check(*make_inputs(B=2, Hq=2, L=77, S=140, E=64, Ev=32, dtype=dtype))
 
 
@@ -168,23 +184,23 @@ def test_value_head_dim_differs(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("L,S", [(200, 200), (130, 300), (300, 130), (1, 64)])
-def test_causal(L, S, dtype):
+def test_causal(fwd_kernel, L, S, dtype):
     check(*make_inputs(B=2, Hq=2, L=L, S=S, E=64, dtype=dtype), is_causal=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("window", [(16, 0), (0, 0), (100, 5), (None, 40), (3, None)])
-def test_window(window, dtype):
+def test_window(fwd_kernel, window, dtype):
     check(*make_inputs(B=2, Hq=2, L=300, S=260, E=64, dtype=dtype), window=window)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_window_causal(dtype):
+def test_window_causal(fwd_kernel, dtype):
     check(*make_inputs(B=1, Hq=2, L=300, S=300, E=128, dtype=dtype), window=(50, None), is_causal=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_lengths_masks(dtype):
+def test_lengths_masks(fwd_kernel, dtype):
     kl = torch.tensor([200, 0, 1, 129])
     ql = torch.tensor([150, 70, 0, 200])
     check(*make_inputs(B=4, Hq=2, L=200, S=200, E=64, dtype=dtype), key_lengths=kl, query_lengths=ql)
@@ -196,14 +212,17 @@ def test_lengths_masks(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("Hq,Hkv", [(8, 2), (6, 1), (4, 4)])
-def test_gqa(Hq, Hkv, dtype):
+def test_gqa(fwd_kernel, Hq, Hkv, dtype):
     check(*make_inputs(B=2, Hq=Hq, Hkv=Hkv, L=150, S=170, E=64, dtype=dtype), enable_gqa=True,
           is_causal=Hq == 8)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("layout", ["blhe", "padded", "strided", "bcast"])
-def test_layouts(layout, dtype):
+def test_layouts(fwd_kernel, layout, dtype, monkeypatch):
+    if fwd_kernel == "sm90" and layout in ("strided", "bcast"):
+        # Rows TMA cannot describe (strided), a batch stride of 0 (bcast: maybe not): the sm_80 kernel may serve.
+        monkeypatch.setenv("EFFATTN_CUDA_SM90", "1")
     check(*make_inputs(B=3, Hq=2, L=140, S=90, E=64 if layout != "strided" else 40, dtype=dtype,
                        layout=layout))
 
@@ -212,7 +231,7 @@ def test_layouts(layout, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("kind", ["bool", "float32", "same", "bool_bcast"])
-def test_dense_mask(kind, dtype):
+def test_dense_mask(fwd_kernel, kind, dtype):
     leaves, views = make_inputs(B=2, Hq=2, L=100, S=150, E=64, dtype=dtype)
     g = torch.Generator().manual_seed(5)
     if kind == "bool":
@@ -228,12 +247,29 @@ def test_dense_mask(kind, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_lse_gradient(dtype):
+@pytest.mark.parametrize("E", [64, 128])
+def test_padding_keys_may_hold_nan(fwd_kernel, E, dtype):
+    # Keys past key_lengths never reach the result, whatever memory they hold
+    # (0 * NaN would be NaN): same output as with finite padding, bit for bit.
+    (q, k, v), _ = make_inputs(B=3, Hq=2, L=70, S=300, E=E, dtype=dtype)
+    kl = torch.tensor([150, 37, 300], device="cuda")
+    with torch.no_grad():
+        clean = cuda_attention(q, k, v, key_lengths=kl)
+        for b, n in enumerate(kl.tolist()):
+            k[b, :, n:] = float("nan")
+            v[b, :, n:] = float("nan")
+        out = cuda_attention(q, k, v, key_lengths=kl)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, clean)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_lse_gradient(fwd_kernel, dtype):
     check(*make_inputs(B=2, Hq=2, L=120, S=70, E=64, dtype=dtype), return_lse=True, is_causal=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_fully_masked_rows_are_zero(dtype):
+def test_fully_masked_rows_are_zero(fwd_kernel, dtype):
     (q, k, v), _ = make_inputs(B=2, Hq=2, L=64, S=64, E=64, dtype=dtype)
     kl = torch.tensor([0, 64], device="cuda")
     out, lse = cuda_attention(q, k, v, return_lse=True, key_lengths=kl)
@@ -262,3 +298,26 @@ def test_declares_unsupported():
     assert any("head dims up to 256" in r for r in BACKEND.not_supported_reasons(make_spec(q, q, q)))
     q = torch.randn(1, 1, 8, 64, device="cuda")
     assert any("float32" in r for r in BACKEND.not_supported_reasons(make_spec(q, q, q)))
+
+
+def test_sm90_forward_long_sequences(fwd_kernel):
+    # Many key blocks per query tile: the TMA ring wraps its stages several
+    # times (phases flip), causal and not, both Hopper head dims, GQA.
+    if fwd_kernel != "sm90":
+        pytest.skip("the Hopper forward's own test")
+    for E in SM90_HEAD_DIMS:
+        for causal in (False, True):
+            check(*make_inputs(B=1, Hq=4, Hkv=2, L=1100, S=1500, E=E, dtype=torch.bfloat16, seed=E + causal),
+                  grads=False, enable_gqa=True, is_causal=causal)
+
+
+def test_sm90_required_but_not_possible_is_an_error(monkeypatch):
+    # "require" must not fall back silently: a row stride TMA can't use (not a
+    # multiple of 16 bytes) is an error at a Hopper head dim.
+    if not sm90_forward_compiled() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs the Hopper forward built and an sm_90 GPU")
+    monkeypatch.setenv("EFFATTN_CUDA_SM90", "require")
+    (q, k, v), _ = make_inputs(B=1, Hq=2, L=64, S=64, E=40, layout="strided")
+    with pytest.raises(RuntimeError, match="not supported"), torch.no_grad():
+        cuda_attention(q, k, v)
+

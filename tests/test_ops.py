@@ -188,3 +188,20 @@ def test_no_seq_by_seq_allocation(opts):
     # and the check can fail: the reference math does allocate (B, H, L, S)
     ref_biggest = largest_allocation(lambda: effattn.attention(q, k, v, backend="reference", **opts))
     assert ref_biggest >= one_score_matrix
+
+
+def test_generated_cuda_files_are_current():
+    # csrc/cuda's generated files (kernel instantiations, the wgmma wrappers) are
+    # what generate_kernels.py writes now: an edit of either side alone fails here.
+    import importlib.util
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cuda")
+    spec = importlib.util.spec_from_file_location("generate_kernels", os.path.join(root, "generate_kernels.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    files = gen.generated_files()
+    assert "wgmma.h" in files and any(p.startswith("instantiations/fwd_") for p in files)
+    for rel, text in files.items():
+        with open(os.path.join(root, rel)) as f:
+            assert f.read() == text, f"csrc/cuda/{rel} differs from generate_kernels.py's output: rerun it"
+    on_disk = {f"instantiations/{n}" for n in os.listdir(os.path.join(root, "instantiations"))}
+    assert on_disk == {p for p in files if p.startswith("instantiations/")}, "stale instantiation files"

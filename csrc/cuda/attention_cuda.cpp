@@ -88,7 +88,9 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(Tensor grad_out, std::optional<Tenso
   return {call.dq, call.dk, call.dv};
 }
 
-int64_t cuda_variants() { return cuda::compiled_head_dims(); }
+int64_t cuda_variants() {
+  return cuda::compiled_head_dims() | (cuda::sm90_forward_compiled() ? int64_t(1) << 16 : 0);
+}
 
 }  // namespace
 }  // namespace effattn

@@ -1,6 +1,6 @@
-// Helpers shared by the forward and backward kernels: tile loads into padded
-// shared memory, the per-batch valid lengths, and the visibility rule of a
-// (query, key) pair (window, lengths, dense mask).
+// Helpers shared by the kernels: tile loads into padded shared memory, the
+// per-batch valid lengths, the visibility rule of a (query, key) pair (window,
+// lengths, dense mask), and the forwards' softmax steps on score fragments.
 #pragma once
 
 #include <cstdint>
@@ -105,6 +105,125 @@ __device__ __forceinline__ DenseMask<T> dense_mask(const FwdParams& p, int b, in
     m.base = static_cast<const char*>(p.mask) + (b * p.mask_batch_stride + h * p.mask_head_stride) * elem;
   }
   return m;
+}
+
+// The key blocks [*nb_lo, *nb_hi) of width bn that query rows [m0, m0 + bm)
+// can see (window and lengths); empty when the rows are past the query length.
+__device__ __forceinline__ void fwd_key_blocks(const FwdParams& p, const Visibility& vis, int m0, int bm, int bn,
+                                               int* nb_lo, int* nb_hi) {
+  int n_lo = 0, n_hi = vis.s_eff;
+  if (p.window_left >= 0) n_lo = static_cast<int>(max(int64_t(0), int64_t(m0) - p.window_left));
+  if (p.window_right >= 0) n_hi = static_cast<int>(min(int64_t(n_hi), int64_t(m0) + bm + p.window_right));
+  if (m0 >= vis.l_eff) n_hi = n_lo;
+  *nb_lo = n_lo / bn;
+  *nb_hi = n_hi > n_lo ? (n_hi + bn - 1) / bn : *nb_lo;
+}
+
+// The forwards' score fragments: a warp's kMT m-tiles of 16 rows of a score
+// tile in the mma C layout (ptx.h; wgmma's accumulators have it too, wgmma.h),
+// s[mt][j][e] being row row0 + 16 mt + g + 8 (e >> 1), column col0 + 8 j +
+// 2 t + (e & 1). Each thread holds two rows' entries per m-tile (g, g + 8),
+// and a row's four threads are a lane quad.
+
+// Scales the scores to log2 units; when need_mask, entries the pair's
+// visibility or the dense mask hides become -inf, and the mask's bias is added.
+template <typename T, int kMT, int kNTiles>
+__device__ __forceinline__ void scale_and_mask(float (&s)[kMT][kNTiles][4], bool need_mask, const Visibility& vis,
+                                               const DenseMask<T>& dmask, int row0, int col0, int g, int t,
+                                               float scale_log2) {
+  if (need_mask) {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = row0 + mt * 16 + g + (e >> 1) * 8, jj = col0 + j * 8 + 2 * t + (e & 1);
+          bool ok = vis(i, jj);
+          float bias = 0.f;
+          if (ok && dmask.base != nullptr) bias = dmask.bias_log2(i, jj, &ok);
+          s[mt][j][e] = ok ? s[mt][j][e] * scale_log2 + bias : -INFINITY;
+        }
+  } else {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][j][e] *= scale_log2;
+  }
+}
+
+// One online-softmax step (base 2): new row maxima, s <- exp2(s - max), the
+// running row sums (this thread's part) and the output accumulator o (same
+// rows, C layout) rescaled by exp2(old max - new max).
+template <int kMT, int kNTilesS, int kNTilesO>
+__device__ __forceinline__ void online_softmax(float (&s)[kMT][kNTilesS][4], float (&o)[kMT][kNTilesO][4],
+                                               float (&row_max)[kMT][2], float (&row_sum)[kMT][2]) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = row_max[mt][r];
+#pragma unroll
+      for (int j = 0; j < kNTilesS; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      // A row that has seen no key yet keeps max -inf: subtract 0 instead, so
+      // exp2(-inf - 0) = 0 rather than NaN.
+      const float alpha = mx == -INFINITY ? 1.f : exp2f(row_max[mt][r] - mx);
+      const float m_use = mx == -INFINITY ? 0.f : mx;
+      row_max[mt][r] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kNTilesS; ++j) {
+        s[mt][j][2 * r] = exp2f(s[mt][j][2 * r] - m_use);
+        s[mt][j][2 * r + 1] = exp2f(s[mt][j][2 * r + 1] - m_use);
+        sum += s[mt][j][2 * r] + s[mt][j][2 * r + 1];
+      }
+      row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
+#pragma unroll
+      for (int j = 0; j < kNTilesO; ++j) {
+        o[mt][j][2 * r] *= alpha;
+        o[mt][j][2 * r + 1] *= alpha;
+      }
+    }
+}
+
+// Probabilities of 16 keys (score n-tiles 2 kk, 2 kk + 1), packed to 16 bits:
+// the A fragment of the P @ V MMA's k-step kk.
+template <typename T, int kNTiles>
+__device__ __forceinline__ void pack_p(uint32_t (&a)[4], const float (&s)[kNTiles][4], int kk) {
+  a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// The forwards' epilogue for those rows: out = o / row sum for rows < L and
+// columns < Ev, lse in natural-log units. A row that saw no key gets out = 0,
+// lse = -inf (a NaN sum stays NaN).
+template <typename T, int kMT, int kNTilesO>
+__device__ __forceinline__ void write_rows(const float (&o)[kMT][kNTilesO][4], const float (&row_max)[kMT][2],
+                                           const float (&row_sum)[kMT][2], T* out, int64_t row_stride, float* lse,
+                                           int row0, int L, int Ev, int g, int t) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[mt][r];
+      sum += __shfl_xor_sync(0xffffffff, sum, 1);
+      sum += __shfl_xor_sync(0xffffffff, sum, 2);
+      const float inv = sum == 0.f ? 0.f : 1.f / sum;
+      const int i = row0 + mt * 16 + g + r * 8;
+      if (i < L) {
+        T* orow = out + i * row_stride;
+#pragma unroll
+        for (int j = 0; j < kNTilesO; ++j)
+          store2<T>(orow, j * 8 + 2 * t, Ev, o[mt][j][2 * r] * inv, o[mt][j][2 * r + 1] * inv);
+        if (t == 0) lse[i] = sum == 0.f ? -INFINITY : (row_max[mt][r] + __log2f(sum)) * kLn2;
+      }
+    }
 }
 
 }  // namespace cuda

@@ -82,6 +82,14 @@ int64_t compiled_head_dims() {
   return bits;
 }
 
+bool sm90_forward_compiled() {
+#if defined(EFFATTN_CUDA_SM90A)
+  return true;
+#else
+  return false;
+#endif
+}
+
 const char* run_fwd(const FwdParams& p, DType dtype, bool aligned, void* stream) {
   const int d = kernel_head_dim(p.head_dim, p.head_dim_v);
   if (d == 0) return "no compiled forward kernel serves this head dim";

@@ -41,13 +41,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const DenseMask<T> dmask = dense_mask<T>(p, b, h);
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
 
-  // Key range this query tile can see.
-  int n_lo = 0, n_hi = vis.s_eff;
-  if (p.window_left >= 0) n_lo = static_cast<int>(max(int64_t(0), int64_t(m0) - p.window_left));
-  if (p.window_right >= 0) n_hi = static_cast<int>(min(int64_t(n_hi), int64_t(m0) + kBM + p.window_right));
-  if (m0 >= vis.l_eff) n_hi = n_lo;
-  const int nb_lo = n_lo / kBN;
-  const int nb_hi = n_hi > n_lo ? (n_hi + kBN - 1) / kBN : nb_lo;
+  int nb_lo, nb_hi;  // key blocks this query tile can see
+  fwd_key_blocks(p, vis, m0, kBM, kBN, &nb_lo, &nb_hi);
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head + m0 * p.q_strides.row;
   const T* k = static_cast<const T*>(p.k) + b * p.k_strides.batch + hk * p.k_strides.head;
@@ -117,55 +112,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
     // ---- scale, mask, online softmax (base 2) -----------------------------
     const bool need_mask = dmask.base != nullptr || !vis.tile_all_visible(m0, kBM, n0, kBN);
-    if (need_mask) {
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-        for (int j = 0; j < kNTilesS; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = m0 + warp_row0 + mt * 16 + g + (e >> 1) * 8, jj = n0 + j * 8 + 2 * t + (e & 1);
-            bool ok = vis(i, jj);
-            float bias = 0.f;
-            if (ok && dmask.base != nullptr) bias = dmask.bias_log2(i, jj, &ok);
-            s[mt][j][e] = ok ? s[mt][j][e] * scale_log2 + bias : -INFINITY;
-          }
-    } else {
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-        for (int j = 0; j < kNTilesS; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[mt][j][e] *= scale_log2;
-    }
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = row_max[mt][r];
-#pragma unroll
-        for (int j = 0; j < kNTilesS; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-        // A row that has seen no key yet keeps max -inf: subtract 0 instead, so
-        // exp2(-inf - 0) = 0 rather than NaN.
-        const float alpha = mx == -INFINITY ? 1.f : exp2f(row_max[mt][r] - mx);
-        const float m_use = mx == -INFINITY ? 0.f : mx;
-        row_max[mt][r] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int j = 0; j < kNTilesS; ++j) {
-          s[mt][j][2 * r] = exp2f(s[mt][j][2 * r] - m_use);
-          s[mt][j][2 * r + 1] = exp2f(s[mt][j][2 * r + 1] - m_use);
-          sum += s[mt][j][2 * r] + s[mt][j][2 * r + 1];
-        }
-        row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
-#pragma unroll
-        for (int j = 0; j < kNTilesO; ++j) {
-          acc_o[mt][j][2 * r] *= alpha;
-          acc_o[mt][j][2 * r + 1] *= alpha;
-        }
-      }
+    scale_and_mask<T>(s, need_mask, vis, dmask, m0 + warp_row0, n0, g, t, scale_log2);
+    online_softmax(s, acc_o, row_max, row_sum);
 
     cp_async_wait<0>();
     __syncthreads();  // V landed; every warp is done with K
@@ -180,12 +128,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     for (int kk = 0; kk < kBN / 16; ++kk) {
       uint32_t a[kMT][4];
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-      }
+      for (int mt = 0; mt < kMT; ++mt) pack_p<T>(a[mt], s[mt], kk);
 #pragma unroll
       for (int dp = 0; dp < kD / 16; ++dp) {
         uint32_t bv[4];
@@ -202,24 +145,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   // ---- epilogue: normalise, write out and lse -----------------------------
   T* out = static_cast<T*>(p.out) + b * p.o_strides.batch + h * p.o_strides.head;
   float* lse = static_cast<float*>(p.lse) + (int64_t(b) * p.heads_q + h) * L;
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float sum = row_sum[mt][r];
-      sum += __shfl_xor_sync(0xffffffff, sum, 1);
-      sum += __shfl_xor_sync(0xffffffff, sum, 2);
-      // A row that saw no key: out = 0, lse = -inf (a NaN sum stays NaN).
-      const float inv = sum == 0.f ? 0.f : 1.f / sum;
-      const int i = m0 + warp_row0 + mt * 16 + g + r * 8;
-      if (i < L) {
-        T* orow = out + i * p.o_strides.row;
-#pragma unroll
-        for (int j = 0; j < kNTilesO; ++j)
-          store2<T>(orow, j * 8 + 2 * t, Ev, acc_o[mt][j][2 * r] * inv, acc_o[mt][j][2 * r + 1] * inv);
-        if (t == 0) lse[i] = sum == 0.f ? -INFINITY : (row_max[mt][r] + __log2f(sum)) * kLn2;
-      }
-    }
+  write_rows<T>(acc_o, row_max, row_sum, out, p.o_strides.row, lse, m0 + warp_row0, L, Ev, g, t);
 }
 
 }  // namespace cuda

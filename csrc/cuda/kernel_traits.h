@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace effattn {
 namespace cuda {
@@ -44,11 +45,49 @@ struct FwdTraits {
 // there, ptxas -v for sm_90: 128 and 732 bytes). Past 128, O alone needs
 // 96-128 registers at 16 rows: 64-row blocks of 4 warps x 16 rows, narrower
 // key steps at 256.
+// Hopper forward tiles (sm_90a, flash_fwd_sm90_kernel.h): 2 warpgroups x 64
+// query rows (wgmma's M is 64 per warpgroup), kBlockN keys per step, K and V
+// in kStages-deep TMA rings. Tiles live in shared memory as 64-column panels
+// (a 128-byte swizzle row holds 64 16-bit elements, the widest a TMA box with
+// that swizzle may be): panel p of a tile of R rows holds columns
+// [64 p, 64 p + 64) of every row, R x 128 bytes.
+template <typename T_, int kHeadDim_, int kBlockN_, int kStages_ = 2>
+struct Sm90FwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kWarpgroups = 2;
+  static constexpr int kBlockM = 64 * kWarpgroups;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kNThreads = 128 * kWarpgroups;
+  static constexpr int kStages = kStages_;
+  static constexpr int kPanelCols = 64;
+  static constexpr int kPanels = kHeadDim / kPanelCols;
+  static constexpr uint32_t kPanelBytesQ = kBlockM * 128, kPanelBytesKV = kBlockN * 128;
+  static constexpr uint32_t kTileBytesQ = kPanels * kPanelBytesQ, kTileBytesKV = kPanels * kPanelBytesKV;
+  // Q, the K and V rings, 1 KB to align the tiles to the swizzle's 1024-byte
+  // atoms, then the mbarriers: Q's, K's and V's "full" and the stages' "empty".
+  static constexpr int kBarriers = 1 + 3 * kStages;
+  static constexpr size_t kSmemBytes = kTileBytesQ + 2 * kStages * kTileBytesKV + 1024 + 8 * kBarriers;
+
+  static_assert(sizeof(T) == 2, "wgmma here takes fp16/bf16");
+  static_assert(kHeadDim % kPanelCols == 0, "head dim in whole 64-column panels");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "wgmma N: multiple of 8 (16: P @ V's k-steps), <= 256");
+  static_assert(kPanelBytesKV / 16 < (1 << 14), "V's panel stride fits the descriptor's 14-bit field");
+  static_assert(kSmemBytes <= 227 * 1024, "fits an sm_90 block");
+};
+
 template <typename T, int D> struct FwdConfig;
 template <typename T> struct FwdConfig<T, 32> { using Traits = FwdTraits<T, 32, 2, 64, 4>; };
-template <typename T> struct FwdConfig<T, 64> { using Traits = FwdTraits<T, 64, 2, 64, 4>; };
+template <typename T> struct FwdConfig<T, 64> {
+  using Traits = FwdTraits<T, 64, 2, 64, 4>;
+  using Sm90 = Sm90FwdTraits<T, 64, 128>;  // 80 KB
+};
 template <typename T> struct FwdConfig<T, 96> { using Traits = FwdTraits<T, 96, 2, 32, 4>; };
-template <typename T> struct FwdConfig<T, 128> { using Traits = FwdTraits<T, 128, 2, 32, 4>; };
+template <typename T> struct FwdConfig<T, 128> {
+  using Traits = FwdTraits<T, 128, 2, 32, 4>;
+  // S (64 x 128) and O (64 x 128) take 64 float registers each per thread.
+  using Sm90 = Sm90FwdTraits<T, 128, 128>;  // 161 KB
+};
 template <typename T> struct FwdConfig<T, 192> { using Traits = FwdTraits<T, 192, 1, 64, 4>; };
 template <typename T> struct FwdConfig<T, 256> { using Traits = FwdTraits<T, 256, 1, 32, 4>; };
 

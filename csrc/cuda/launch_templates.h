@@ -1,16 +1,20 @@
 // Launchers: grid, dynamic shared memory (opted in past 48 KB), the caller's
-// stream, and a launch check. One instantiation per (dtype, head dim) lives in
-// its own generated file under instantiations/ so they compile in parallel.
+// stream, and a launch check; and the choice of kernel or tiles for the
+// device. One instantiation per (dtype, head dim) lives in its own generated
+// file under instantiations/ so they compile in parallel.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
 #include "flash_bwd_kernel.h"
 #include "flash_fwd_kernel.h"
+#include "flash_fwd_sm90_kernel.h"
 
 namespace effattn {
 namespace cuda {
@@ -26,17 +30,131 @@ cudaError_t set_smem_limit(Kernel kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-template <typename Traits>
-cudaError_t launch_fwd(const FwdParams& p, bool aligned, cudaStream_t stream) {
-  if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) return cudaSuccess;
-  auto kernel = &flash_fwd_kernel<Traits>;
+// Either forward kernel, kernel(p, arg): one block per (query tile, head,
+// batch), with Traits' shared memory, on the caller's stream.
+template <typename Traits, typename Kernel, typename Arg>
+cudaError_t launch_fwd_kernel(Kernel kernel, const FwdParams& p, const Arg& arg, cudaStream_t stream) {
   constexpr size_t smem = Traits::kSmemBytes;
   cudaError_t err = set_smem_limit(kernel, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>((p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM),
                   static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
-  kernel<<<grid, Traits::kNThreads, smem, stream>>>(p, aligned);
+  kernel<<<grid, Traits::kNThreads, smem, stream>>>(p, arg);
   return cudaGetLastError();
+}
+
+template <typename Traits>
+cudaError_t launch_fwd(const FwdParams& p, bool aligned, cudaStream_t stream) {
+  if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) return cudaSuccess;
+  return launch_fwd_kernel<Traits>(&flash_fwd_kernel<Traits>, p, aligned, stream);
+}
+
+// ---- the Hopper forward (flash_fwd_sm90_kernel.h) ----------------------------------
+
+// cuTensorMapEncodeTiled, a driver function, through the runtime (so the
+// module links no libcuda and still imports where no driver is installed).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+inline EncodeTiledFn tensor_map_encoder() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// A TMA descriptor for a (batch, heads, rows, cols) 16-bit tensor with the
+// given element strides (cols contiguous): boxes of 64 columns x box_rows
+// rows, 128-byte swizzle, zero fill outside. False where TMA can't describe
+// it (base or a stride not a multiple of 16 bytes).
+inline bool encode_tile_map(CUtensorMap* map, const void* base, bool bf16, int64_t batch, int64_t heads,
+                            int64_t rows, int64_t cols, const RowStrides& st, int box_rows) {
+  const EncodeTiledFn encode = tensor_map_encoder();
+  if (encode == nullptr || (reinterpret_cast<uintptr_t>(base) & 15) != 0) return false;
+  // A dim of size 1 is never stepped over: any valid stride will do.
+  auto stride_bytes = [](int64_t size, int64_t stride) { return cuuint64_t(size == 1 ? 16 : stride * 2); };
+  const cuuint64_t dims[4] = {cuuint64_t(cols), cuuint64_t(rows), cuuint64_t(heads), cuuint64_t(batch)};
+  const cuuint64_t strides[3] = {stride_bytes(rows, st.row), stride_bytes(heads, st.head),
+                                 stride_bytes(batch, st.batch)};
+  for (cuuint64_t x : strides)
+    if (x % 16 != 0 || x >= (cuuint64_t(1) << 40)) return false;
+  const cuuint32_t box[4] = {64, cuuint32_t(box_rows), 1, 1};
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  return encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+                const_cast<void*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// EFFATTN_CUDA_SM90 opts into the Hopper forward (off by default: it has not
+// yet run on a GPU): "1" takes it where it can run, "require" makes a call it
+// can't serve an error instead (cudaErrorNotSupported; tests use it so a
+// fallback can't pass for it). Head dims without a Hopper kernel ignore it.
+enum class Sm90Mode { kOff, kOn, kRequire };
+inline Sm90Mode sm90_mode() {
+  const char* opt = std::getenv("EFFATTN_CUDA_SM90");
+  if (opt == nullptr) return Sm90Mode::kOff;
+  if (std::strcmp(opt, "1") == 0) return Sm90Mode::kOn;
+  return std::strcmp(opt, "require") == 0 ? Sm90Mode::kRequire : Sm90Mode::kOff;
+}
+
+// The Hopper forward runs where it was compiled for sm_90a (setup.py defines
+// EFFATTN_CUDA_SM90A) and the device is sm_90 (H100, H200, GH200).
+inline bool sm90_device() {
+#if defined(EFFATTN_CUDA_SM90A)
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) return false;
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
+
+// Launches the Hopper forward; *launched = false (and nothing done) when TMA
+// can't describe the tensors, so the caller runs the sm_80 kernel instead.
+template <typename Traits>
+cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream, bool* launched) {
+  *launched = false;
+  const bool bf16 = std::is_same_v<typename Traits::T, __nv_bfloat16>;
+  Sm90Maps maps;
+  if (!encode_tile_map(&maps.q, p.q, bf16, p.batch, p.heads_q, p.seqlen_q, p.head_dim, p.q_strides, Traits::kBlockM) ||
+      !encode_tile_map(&maps.k, p.k, bf16, p.batch, p.heads_kv, p.seqlen_k, p.head_dim, p.k_strides, Traits::kBlockN) ||
+      !encode_tile_map(&maps.v, p.v, bf16, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, p.v_strides, Traits::kBlockN))
+    return cudaSuccess;
+  *launched = true;
+  return launch_fwd_kernel<Traits>(&flash_fwd_sm90_kernel<Traits>, p, maps, stream);
+}
+
+template <typename Config, typename = void>
+struct HasSm90 : std::false_type {};
+template <typename Config>
+struct HasSm90<Config, std::void_t<typename Config::Sm90>> : std::true_type {};
+
+// The forward for this device: the Hopper kernel where the head dim has one,
+// sm90_mode() asks for it and it can run; the sm_80 kernel otherwise.
+template <typename Config>
+cudaError_t launch_fwd_for_device(const FwdParams& p, bool aligned, cudaStream_t stream) {
+  if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) return cudaSuccess;
+  if constexpr (HasSm90<Config>::value) {
+    const Sm90Mode mode = p.seqlen_k > 0 ? sm90_mode() : Sm90Mode::kOff;  // no keys: nothing to load
+    if (mode != Sm90Mode::kOff) {
+      bool launched = false;
+      if (sm90_device()) {
+        cudaError_t err = launch_fwd_sm90<typename Config::Sm90>(p, stream, &launched);
+        if (err != cudaSuccess || launched) return err;
+      }
+      if (mode == Sm90Mode::kRequire) return cudaErrorNotSupported;
+    }
+  }
+  return launch_fwd<typename Config::Traits>(p, aligned, stream);
 }
 
 template <typename Traits>

@@ -6,7 +6,12 @@ The backward picks its tiles by the shared memory a block may use on the
 device (csrc/cuda/kernel_traits.h, BwdConfig): Large on sm_80/sm_90 where they
 fit, Small (<= 99 KB) on sm_86/sm_89 and newer consumer parts.
 EFFATTN_CUDA_BWD_TILES=small forces Small (the tests use it to run both sets
-on one GPU)."""
+on one GPU).
+
+A Hopper forward (wgmma + TMA, csrc/cuda/flash_fwd_sm90_kernel.h) is built
+for sm_90a and opt-in with EFFATTN_CUDA_SM90=1 until it has been verified on
+a GPU ("require": an error instead of the sm_80 kernel where it can't run,
+for tests)."""
 from __future__ import annotations
 
 from typing import List
@@ -34,8 +39,19 @@ _COMPILED_VARIANTS = _read_compiled_variants()  # read once: a constant, also un
 
 def compiled_variants() -> int:
     """effattn::cuda_variants (csrc/cuda/api.h): bit i for HEAD_DIMS[i] compiled (both dtypes,
-    forward and backward); 0 without CUDA kernels."""
+    forward and backward), bit 16 for the Hopper forward; 0 without CUDA kernels."""
     return _COMPILED_VARIANTS
+
+
+SM90_HEAD_DIMS = (64, 128)  # the kernel head dims with a Hopper forward (kernel_traits.h, FwdConfig::Sm90)
+
+
+def sm90_forward_compiled() -> bool:
+    """Whether this build holds the Hopper forward (wgmma + TMA; built with TORCH_CUDA_ARCH_LIST
+    containing 9.0a). It runs on sm_90 GPUs when EFFATTN_CUDA_SM90=1 (opt-in until verified on a
+    GPU), for kernel head dims 64 and 128, where TMA can describe the tensors (16-byte aligned
+    base and strides); other calls take the sm_80 kernel."""
+    return bool(compiled_variants() >> 16 & 1)
 
 
 def kernel_head_dim(head_dim: int) -> int:

@@ -11,6 +11,7 @@ before timing.
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 
@@ -33,7 +34,25 @@ def sdpa_with(backend):
     return f
 
 
-IMPLS = {"effattn-cuda": effattn_fwd, "sdpa-flash": sdpa_with(SDPBackend.FLASH_ATTENTION),
+def with_env(name, value, f):
+    """f with an environment variable set during each call (the C++ launcher reads it per call)."""
+    def g(*a):
+        prior = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return f(*a)
+        finally:
+            if prior is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = prior
+    return g
+
+
+IMPLS = {"effattn-cuda": effattn_fwd,
+         # the Hopper forward (wgmma + TMA), required: an error rather than the sm_80 kernel
+         "effattn-cuda-sm90": with_env("EFFATTN_CUDA_SM90", "require", effattn_fwd),
+         "sdpa-flash": sdpa_with(SDPBackend.FLASH_ATTENTION),
          "sdpa-cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION)}
 
 

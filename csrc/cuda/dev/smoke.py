@@ -1,7 +1,10 @@
 """Quick diagnostic of the CUDA kernels on a GPU: max errors of out, lse and the
 gradients against the float64 reference math (on the GPU), per config; with
 --small, a few tiny calls only (for compute-sanitizer). EFFATTN_CUDA_BWD_TILES=small
-runs the backward's 99 KB tiles on a GPU that would pick the large ones."""
+runs the backward's 99 KB tiles on a GPU that would pick the large ones; --sm90
+requires the Hopper forward (EFFATTN_CUDA_SM90=require) and drops the configs it
+can't serve."""
+import os
 import sys
 
 import torch
@@ -69,6 +72,10 @@ if __name__ == "__main__":
         cfgs.append(dict(B=2, H=2, L=70, S=90, E=64, mask=torch.rand(2, 1, 70, 90, device="cuda") > 0.5))
         cfgs.append(dict(B=1, H=1, L=40, S=50, E=256))  # column-split backward
         cfgs.append(dict(B=1, H=2, L=40, S=70, E=192, causal=True))
+    if "--sm90" in sys.argv:  # the Hopper forward, required (an error where it can't run)
+        os.environ["EFFATTN_CUDA_SM90"] = "require"
+        cfgs = [c for c in cfgs if c.get("layout") != "strided"]  # TMA can't describe those rows
+        cfgs.append(dict(B=1, H=2, L=130, S=400, E=128, grads=False))  # 4 key blocks: the 2-stage ring wraps
     for c in cfgs:
         try:
             r = run(**c)

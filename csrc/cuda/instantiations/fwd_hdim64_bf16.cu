@@ -6,7 +6,7 @@ namespace cuda {
 
 template <>
 cudaError_t run_fwd_<__nv_bfloat16, 64>(const FwdParams& p, bool aligned, cudaStream_t stream) {
-  return launch_fwd<FwdConfig<__nv_bfloat16, 64>::Traits>(p, aligned, stream);
+  return launch_fwd_for_device<FwdConfig<__nv_bfloat16, 64>>(p, aligned, stream);
 }
 
 }  // namespace cuda

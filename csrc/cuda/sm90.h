@@ -1,0 +1,122 @@
+// Thin wrappers over the Hopper (sm_90a) PTX of the Hopper forward
+// (flash_fwd_sm90_kernel.h): mbarriers, TMA tile loads, wgmma's fences and
+// shared-memory matrix descriptors. Everything here is only ever executed in
+// code compiled for sm_90a (guarded by __CUDA_ARCH_FEAT_SM90_ALL); the
+// descriptor encoding is plain arithmetic, so host code can check it.
+#pragma once
+
+#include <cstdint>
+
+#include "ptx.h"
+#include "wgmma.h"
+
+namespace effattn {
+namespace cuda {
+
+// ---- shared-memory matrix descriptors (PTX ISA, "Matrix Descriptor Format") --
+// Bits [0,14) start address >> 4, [16,30) leading-dimension byte offset >> 4,
+// [32,46) stride-dimension byte offset >> 4, [62,64) layout: 1 = 128-byte swizzle.
+// Every tile here uses the 128-byte swizzle that TMA writes with
+// CU_TENSOR_MAP_SWIZZLE_128B: rows of 64 16-bit elements (128 bytes), 16-byte
+// chunk c of row r stored at chunk c ^ (r % 8), 8-row atoms of 1024 bytes
+// (tiles 1024-byte aligned, so the base-offset field is 0).
+constexpr uint32_t kSwizzleAtomBytes = 1024;  // 8 rows x 128 bytes
+constexpr int kSwizzleCols = 64;              // 16-bit elements per 128-byte row
+
+__host__ __device__ constexpr uint64_t gmma_desc_sw128(uint32_t smem_addr, uint32_t leading_bytes,
+                                                       uint32_t stride_bytes) {
+  return uint64_t((smem_addr & 0x3FFFF) >> 4) | (uint64_t((leading_bytes >> 4) & 0x3FFF) << 16) |
+         (uint64_t((stride_bytes >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
+}
+// K-major operand (rows = M or N, 16 k-columns at byte offset 32 * (k / 16)
+// inside its 128-byte row): 8-row atoms stacked every 1024 bytes. The leading
+// offset is unused by swizzled K-major layouts (CUTLASS sets it to 1 unit).
+__host__ __device__ constexpr uint64_t gmma_desc_k_major(uint32_t smem_addr) {
+  return gmma_desc_sw128(smem_addr, 16, kSwizzleAtomBytes);
+}
+// MN-major operand (rows = K, 64 contiguous N-elements per 128-byte row):
+// 8-row k-atoms every 1024 bytes, the next 64 N-columns panel_bytes further.
+__host__ __device__ constexpr uint64_t gmma_desc_mn_major(uint32_t smem_addr, uint32_t panel_bytes) {
+  return gmma_desc_sw128(smem_addr, panel_bytes, kSwizzleAtomBytes);
+}
+
+#if defined(__CUDA_ARCH__)
+
+// ---- mbarriers ----------------------------------------------------------------
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+// Makes the initialised barriers visible to the async proxy (TMA) and other threads.
+__device__ __forceinline__ void mbar_fence_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+// One arrival that also tells the barrier to expect `bytes` of TMA transactions.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the barrier's phase with parity `phase` has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(phase)
+      : "memory");
+}
+
+// ---- TMA: a 4-D box (dim 0 innermost) global -> shared, completing on `bar` ----
+// Coordinates are element indices; parts of the box outside the tensor are
+// zero-filled (and still count towards the transaction bytes).
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* tensor_map, uint32_t bar, int c0, int c1,
+                                            int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, "
+      "%6}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+
+// 16 zero bytes to shared memory, then (after all of them) the fence that
+// orders these generic-proxy writes before async-proxy reads (wgmma, TMA).
+__device__ __forceinline__ void st_shared_zero16(uint32_t addr) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// ---- wgmma ordering ---------------------------------------------------------------
+// Before the first wgmma that reads registers other instructions wrote.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// The compiler sees an asm's register operands as read or written at the asm
+// itself, not when the asynchronous MMA really does: after wgmma_wait, each
+// accumulator (and A-fragment) register goes through an empty asm, so no read
+// or reuse of it moves above the wait.
+template <int R, int C>
+__device__ __forceinline__ void fence_operands(float (&x)[R][C]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int j = 0; j < C; ++j) asm volatile("" : "+f"(x[i][j])::"memory");
+}
+template <int R, int C>
+__device__ __forceinline__ void fence_operands(uint32_t (&x)[R][C]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int j = 0; j < C; ++j) asm volatile("" : "+r"(x[i][j])::"memory");
+}
+
+#endif  // __CUDA_ARCH__
+
+}  // namespace cuda
+}  // namespace effattn
