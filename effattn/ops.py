@@ -69,6 +69,26 @@ def recompute_autograd(bwd_op):
     return backward, setup_context
 
 
+DOUBLE_BACKWARD_ERROR = (
+    "effattn: attention's backward is not itself differentiable, so a gradient of a gradient through it "
+    "(double backward, e.g. a gradient penalty) is not supported; effattn.attention(..., backend='reference') "
+    "supports it")
+
+
+def not_differentiable_autograd():
+    """(backward, setup_context) for a backward op: computing its gradient raises
+    DOUBLE_BACKWARD_ERROR. Registered so that gradients taken with
+    create_graph=True carry a graph that fails loudly when differentiated,
+    rather than none (their dependence on q, k, v silently dropped)."""
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+    return backward, setup_context
+
+
 def _below_autograd():
     """A guard under which ops dispatch straight to their kernels."""
     return torch._C._AutoDispatchBelowAutograd()
@@ -97,9 +117,13 @@ class EagerCaller:
                 setup_context(ctx, inputs, output)
 
             @staticmethod
-            @torch.autograd.function.once_differentiable
             def backward(ctx, grad_out, grad_lse):
-                return backward(ctx, grad_out, grad_lse)
+                if torch.is_grad_enabled():
+                    # create_graph=True: the backward op records its own autograd
+                    # (not_differentiable_autograd), so a second backward raises.
+                    return backward(ctx, grad_out, grad_lse)
+                with _below_autograd():  # the usual case: skip that wrapper's cost too
+                    return backward(ctx, grad_out, grad_lse)
 
         self.function = Function
 
@@ -129,6 +153,8 @@ if LOAD_ERROR is None:
 
     _backward, _setup_context = recompute_autograd(lambda: torch.ops.effattn.bwd)
     torch.library.register_autograd("effattn::fwd", _backward, setup_context=_setup_context)
+    _no_backward, _no_context = not_differentiable_autograd()
+    torch.library.register_autograd("effattn::bwd", _no_backward, setup_context=_no_context)
     _call_fwd = EagerCaller(torch.ops.effattn.fwd.default, _backward, _setup_context)
 
 

@@ -205,3 +205,24 @@ def test_generated_cuda_files_are_current():
             assert f.read() == text, f"csrc/cuda/{rel} differs from generate_kernels.py's output: rerun it"
     on_disk = {f"instantiations/{n}" for n in os.listdir(os.path.join(root, "instantiations"))}
     assert on_disk == {p for p in files if p.startswith("instantiations/")}, "stale instantiation files"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_double_backward_is_an_error_not_a_silent_zero(backend):
+    # A gradient penalty through attention: gradients taken with create_graph=True
+    # are right, and differentiating them again raises an error naming effattn
+    # (before, they carried no graph, so the penalty's part was silently dropped).
+    dtype = torch.float64 if backend == "cpu" else torch.float32  # triton: no float64
+    q, k, v = make_qkv(B=1, Hq=2, L=9, S=9, E=8, dtype=dtype)
+    reasons = effattn.backends(q, k, v)[backend]
+    if reasons:
+        pytest.skip(f"{backend}: " + "; ".join(reasons))
+    w = torch.randn(8, 8, dtype=dtype, requires_grad=True)
+    out = effattn.attention(q, k, v, backend=backend)
+    dq, = torch.autograd.grad(out.sum(), q, create_graph=True)
+    ref = effattn.attention(q, k, v, backend="reference")
+    dq_ref, = torch.autograd.grad(ref.sum(), q)
+    torch.testing.assert_close(dq.detach(), dq_ref, atol=1e-4 if backend == "triton" else 1e-7, rtol=1e-4)
+    assert dq.requires_grad
+    with pytest.raises(RuntimeError, match="effattn: attention's backward is not itself differentiable"):
+        (dq.pow(2).sum() + (q @ w).sum()).backward()

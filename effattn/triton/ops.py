@@ -22,7 +22,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from ..ops import EagerCaller, empty_in_layout_of, recompute_autograd
+from ..ops import EagerCaller, empty_in_layout_of, not_differentiable_autograd, recompute_autograd
 from . import configs
 from .backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .forward import attn_fwd_kernel, merge_splits_kernel
@@ -247,6 +247,8 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
 
 _backward, _setup_context = recompute_autograd(lambda: torch.ops.effattn.triton_bwd)
 triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+_no_backward, _no_context = not_differentiable_autograd()
+triton_bwd.register_autograd(_no_backward, setup_context=_no_context)
 _call_fwd = EagerCaller(torch.ops.effattn.triton_fwd.default, _backward, _setup_context)
 
 
