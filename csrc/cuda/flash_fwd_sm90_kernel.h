@@ -176,6 +176,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   T* out = static_cast<T*>(p.out) + b * p.o_strides.batch + h * p.o_strides.head;
   float* lse = static_cast<float*>(p.lse) + (int64_t(b) * p.heads_q + h) * L;
   write_rows<T>(acc_o, row_max, row_sum, out, p.o_strides.row, lse, row0, L, Ev, g, t);
+#elif defined(__CUDA_ARCH__)
+  // Code for any other target never computes this: the host launches the kernel only
+  // on sm_90 devices of a build with sm_90a code, so getting here is a loud error,
+  // never an output left unwritten.
+  __trap();
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 

@@ -77,13 +77,17 @@ inline bool encode_tile_map(CUtensorMap* map, const void* base, bool bf16, int64
                             int64_t rows, int64_t cols, const RowStrides& st, int box_rows) {
   const EncodeTiledFn encode = tensor_map_encoder();
   if (encode == nullptr || (reinterpret_cast<uintptr_t>(base) & 15) != 0) return false;
-  // A dim of size 1 is never stepped over: any valid stride will do.
-  auto stride_bytes = [](int64_t size, int64_t stride) { return cuuint64_t(size == 1 ? 16 : stride * 2); };
   const cuuint64_t dims[4] = {cuuint64_t(cols), cuuint64_t(rows), cuuint64_t(heads), cuuint64_t(batch)};
-  const cuuint64_t strides[3] = {stride_bytes(rows, st.row), stride_bytes(heads, st.head),
-                                 stride_bytes(batch, st.batch)};
-  for (cuuint64_t x : strides)
-    if (x % 16 != 0 || x >= (cuuint64_t(1) << 40)) return false;
+  const int64_t given[3] = {st.row, st.head, st.batch};
+  cuuint64_t strides[3];
+  // A dim of size 1 is never stepped over, whatever stride torch gave it: it gets
+  // the extent of the dims inside it, as a packed tensor would have.
+  cuuint64_t extent = (dims[0] * 2 + 15) / 16 * 16;
+  for (int i = 0; i < 3; ++i) {
+    strides[i] = dims[i + 1] == 1 ? extent : cuuint64_t(given[i]) * 2;
+    if (strides[i] % 16 != 0 || strides[i] >= (cuuint64_t(1) << 40)) return false;
+    extent = strides[i] * dims[i + 1];
+  }
   const cuuint32_t box[4] = {64, cuuint32_t(box_rows), 1, 1};
   const cuuint32_t unit[4] = {1, 1, 1, 1};
   return encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
