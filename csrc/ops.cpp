@@ -24,7 +24,7 @@ STABLE_TORCH_LIBRARY(effattn, m) {
   m.def("cpu_isa() -> int");
   // Which CUDA kernels this build holds: 0 when built without CUDA, else bit i
   // for the i-th kernel head dim (csrc/cuda/api.h, compiled_head_dims), and
-  // bit 16 when the Hopper forward (sm_90a) is compiled.
+  // bit 16 when the Hopper kernels (sm_90a) are compiled.
   m.def("cuda_variants() -> int");
 }
 

@@ -258,6 +258,34 @@ def test_autocast_runs_in_the_autocast_dtype_like_sdpa(backend):
     torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padding_past_the_lengths_is_never_read(backend, dtype):
+    """Keys past key_lengths and queries past query_lengths are padding: whatever
+    memory holds there (NaN here, in q, k, v and the output's gradient) changes
+    nothing: out, lse and every gradient are those of a run with finite padding."""
+    B, H, L, S, E = 3, 2, 70, 150, 16
+    kw = dict(key_lengths=torch.tensor([150, 37, 90]), query_lengths=torch.tensor([70, 5, 33]))
+    skip_unless_served(backend, *make_qkv(B=B, Hq=H, L=L, S=S, E=E, dtype=dtype), **kw)
+    runs = []
+    for poison in (False, True):
+        q, k, v = make_qkv(B=B, Hq=H, L=L, S=S, E=E, dtype=dtype, requires_grad=False)
+        grad_out = torch.randn(B, H, L, E, generator=torch.Generator().manual_seed(4)).to(dtype)
+        if poison:
+            for b, (kl, ql) in enumerate(zip(kw["key_lengths"].tolist(), kw["query_lengths"].tolist())):
+                k[b, :, kl:] = v[b, :, kl:] = float("nan")
+                q[b, :, ql:] = grad_out[b, :, ql:] = float("nan")
+        q, k, v, grad_out = on_device(backend.device, q, k, v, grad_out)
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        out, lse = _call(backend, q, k, v, return_lse=True, **kw)
+        out.backward(grad_out)
+        runs.append([t.detach().cpu() for t in (out, lse, q.grad, k.grad, v.grad)])
+    for name, clean, poisoned in zip(("out", "lse", "dq", "dk", "dv"), *runs):
+        assert not poisoned.isnan().any(), f"{name}: the padding's NaN leaked in"
+        # the same up to the order of float atomic additions (the CUDA backward's dQ)
+        torch.testing.assert_close(poisoned, clean, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_nan_inputs_give_nan_not_zeros(backend, dtype, where):

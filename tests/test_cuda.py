@@ -16,7 +16,7 @@ import torch
 from conftest import assert_bound
 import effattn
 from effattn import reference
-from effattn.backends.cuda import SM90_HEAD_DIMS, CudaBackend, sm90_forward_compiled
+from effattn.backends.cuda import SM90_HEAD_DIMS, CudaBackend, sm90_kernels_compiled
 from effattn.spec import make_spec
 
 BACKEND = CudaBackend()
@@ -130,16 +130,21 @@ def test_head_dims(fwd_kernel, E, dtype):
     check(*make_inputs(B=2, Hq=2, L=130, S=200, E=E, dtype=dtype))
 
 
+def skip_without_sm90():
+    if not sm90_kernels_compiled():
+        pytest.skip("this build has no Hopper kernels (TORCH_CUDA_ARCH_LIST without 9.0a)")
+    if torch.cuda.get_device_capability() != (9, 0):
+        cc = "".join(map(str, torch.cuda.get_device_capability()))
+        pytest.skip(f"the Hopper kernels need an sm_90 GPU, this is sm_{cc}")
+
+
 @pytest.fixture(params=["sm80", "sm90"])
 def fwd_kernel(request, monkeypatch):
     """The forward kernel: the sm_80 one (mma.sync) or the Hopper one (wgmma +
     TMA), required (EFFATTN_CUDA_SM90=require: a call it can't serve is an
     error, not a silent fallback) for head dims 64 and 128, the ones it has."""
     if request.param == "sm90":
-        if not sm90_forward_compiled():
-            pytest.skip("this build has no Hopper forward (TORCH_CUDA_ARCH_LIST without 9.0a)")
-        if torch.cuda.get_device_capability() != (9, 0):
-            pytest.skip(f"the Hopper forward needs an sm_90 GPU, this is sm_{''.join(map(str, torch.cuda.get_device_capability()))}")
+        skip_without_sm90()
         monkeypatch.setenv("EFFATTN_CUDA_SM90", "require")
     else:
         monkeypatch.delenv("EFFATTN_CUDA_SM90", raising=False)
@@ -313,11 +318,74 @@ def test_sm90_forward_long_sequences(fwd_kernel):
 
 def test_sm90_required_but_not_possible_is_an_error(monkeypatch):
     # "require" must not fall back silently: a row stride TMA can't use (not a
-    # multiple of 16 bytes) is an error at a Hopper head dim.
-    if not sm90_forward_compiled() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("needs the Hopper forward built and an sm_90 GPU")
+    # multiple of 16 bytes) is an error at a Hopper head dim, forward and backward.
+    skip_without_sm90()
     monkeypatch.setenv("EFFATTN_CUDA_SM90", "require")
     (q, k, v), _ = make_inputs(B=1, Hq=2, L=64, S=64, E=40, layout="strided")
     with pytest.raises(RuntimeError, match="not supported"), torch.no_grad():
         cuda_attention(q, k, v)
+    monkeypatch.delenv("EFFATTN_CUDA_SM90")
+    monkeypatch.setenv("EFFATTN_CUDA_SM90_BWD", "require")
+    (q, k, v), _ = make_inputs(B=1, Hq=2, L=64, S=64, E=120, layout="strided")
+    out = cuda_attention(q, k, v)
+    with pytest.raises(RuntimeError, match="not supported"):
+        out.sum().backward()
+
+
+# ---- the Hopper backward (E in 97..128: the head-dim-128 kernel) -----------------------
+
+SM90_BWD_CASES = {
+    "plain": (dict(B=2, Hq=2, L=130, S=200), {}),
+    "causal_gqa": (dict(B=2, Hq=4, Hkv=2, L=211, S=300), dict(enable_gqa=True, is_causal=True)),
+    "lengths": (dict(B=4, Hq=2, L=200, S=260),
+                dict(key_lengths=torch.tensor([260, 0, 1, 129]), query_lengths=torch.tensor([150, 70, 0, 200]))),
+    "window": (dict(B=1, Hq=2, L=300, S=260), dict(window=(40, 7))),
+    "mask": (dict(B=2, Hq=2, L=100, S=150),
+             dict(attn_mask=torch.rand(2, 1, 100, 150, generator=torch.Generator().manual_seed(5)) > 0.3)),
+    "float_mask": (dict(B=2, Hq=2, L=100, S=150),
+                   dict(attn_mask=torch.randn(2, 2, 100, 150, generator=torch.Generator().manual_seed(6)))),
+    "blhe": (dict(B=3, Hq=2, L=140, S=90, layout="blhe"), {}),
+    "head_dim_120": (dict(B=2, Hq=2, L=97, S=97, E=120), {}),
+    "value_dim_96": (dict(B=2, Hq=2, L=77, S=140, Ev=96), {}),
+    "long": (dict(B=1, Hq=2, L=700, S=900), dict(is_causal=True)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", list(SM90_BWD_CASES))
+def test_sm90_backward(fwd_kernel, case, dtype, monkeypatch):
+    # Both forwards feed it (out and lse are the backward's inputs); the Hopper
+    # backward is required: a call it can't serve is an error, not a fallback.
+    skip_without_sm90()
+    monkeypatch.setenv("EFFATTN_CUDA_SM90_BWD", "require")
+    shape, kw = SM90_BWD_CASES[case]
+    check(*make_inputs(**dict(dict(E=128), **shape), dtype=dtype), return_lse=case == "causal_gqa", **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_sm90_backward_padding_may_hold_nan(dtype, monkeypatch):
+    # Keys and queries past the lengths (and their dO rows) never reach the
+    # gradients, whatever memory they hold: same as with finite padding, bit for bit.
+    skip_without_sm90()
+    monkeypatch.setenv("EFFATTN_CUDA_SM90_BWD", "require")
+    kl, ql = torch.tensor([150, 37, 300], device="cuda"), torch.tensor([70, 5, 33], device="cuda")
+    grads = []
+    for poison in (False, True):
+        (q, k, v), _ = make_inputs(B=3, Hq=2, L=70, S=300, E=128, dtype=dtype)
+        dout = torch.randn(3, 2, 70, 128, generator=torch.Generator().manual_seed(9)).to("cuda", dtype)
+        if poison:
+            with torch.no_grad():
+                for b in range(3):
+                    k[b, :, kl[b]:] = v[b, :, kl[b]:] = float("nan")
+                    q[b, :, ql[b]:] = dout[b, :, ql[b]:] = float("nan")
+        out = cuda_attention(q, k, v, key_lengths=kl, query_lengths=ql)
+        out.backward(dout)
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    for name, clean, poisoned in zip(("dq", "dk", "dv"), *grads):
+        rows = (slice(None),) * 4
+        assert torch.isfinite(poisoned[rows]).all() or name == "dq", name
+        if name == "dq":  # rows past query_lengths: NaN in q itself is not read there, but dq rows are 0
+            for b in range(3):
+                assert (poisoned[b, :, ql[b]:] == 0).all()
+        assert torch.equal(clean, poisoned), name
 

@@ -89,7 +89,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(Tensor grad_out, std::optional<Tenso
 }
 
 int64_t cuda_variants() {
-  return cuda::compiled_head_dims() | (cuda::sm90_forward_compiled() ? int64_t(1) << 16 : 0);
+  return cuda::compiled_head_dims() | (cuda::sm90_kernels_compiled() ? int64_t(1) << 16 : 0);
 }
 
 }  // namespace

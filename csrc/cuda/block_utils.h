@@ -119,6 +119,18 @@ __device__ __forceinline__ void fwd_key_blocks(const FwdParams& p, const Visibil
   *nb_hi = n_hi > n_lo ? (n_hi + bn - 1) / bn : *nb_lo;
 }
 
+// The query blocks [*mb_lo, *mb_lo + *num_mb) of height bm that can see one of
+// the keys [n0, n0 + bn) (window and lengths): j - right <= i <= j + left.
+__device__ __forceinline__ void bwd_query_blocks(const FwdParams& p, const Visibility& vis, int n0, int bn, int bm,
+                                                 int* mb_lo, int* num_mb) {
+  int i_lo = 0, i_hi = vis.l_eff;
+  if (p.window_right >= 0) i_lo = static_cast<int>(max(int64_t(0), int64_t(n0) - p.window_right));
+  if (p.window_left >= 0) i_hi = static_cast<int>(min(int64_t(i_hi), int64_t(n0) + bn + p.window_left));
+  if (n0 >= vis.s_eff) i_hi = i_lo;
+  *mb_lo = i_lo / bm;
+  *num_mb = i_hi > i_lo ? (i_hi + bm - 1) / bm - *mb_lo : 0;
+}
+
 // The forwards' score fragments: a warp's kMT m-tiles of 16 rows of a score
 // tile in the mma C layout (ptx.h; wgmma's accumulators have it too, wgmma.h),
 // s[mt][j][e] being row row0 + 16 mt + g + 8 (e >> 1), column col0 + 8 j +

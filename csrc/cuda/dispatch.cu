@@ -82,7 +82,7 @@ int64_t compiled_head_dims() {
   return bits;
 }
 
-bool sm90_forward_compiled() {
+bool sm90_kernels_compiled() {
 #if defined(EFFATTN_CUDA_SM90A)
   return true;
 #else

@@ -34,10 +34,12 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const __grid_constant__ 
   for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffff, dot, off);
   if (lane == 0) {
     const float dlse = p.dlse != nullptr ? static_cast<const float*>(p.dlse)[row] : 0.f;
-    static_cast<float*>(p.delta)[row] = dot - dlse;
+    const float lse = static_cast<const float*>(p.lse)[row];
+    // A row that saw no key (padding past query_lengths included) has P = 0
+    // everywhere: delta 0 keeps whatever its dO holds (a NaN) out of dS = P (dP - delta).
+    static_cast<float*>(p.delta)[row] = lse == -INFINITY ? 0.f : dot - dlse;
     // The lse in log2 units for the main kernel, +inf for rows that saw no key
     // (lse = -inf): exp2(s - inf) = 0 gives them P = 0.
-    const float lse = static_cast<const float*>(p.lse)[row];
     static_cast<float*>(p.delta)[p.batch * H * L + row] = lse == -INFINITY ? INFINITY : lse * kLog2e;
   }
 }
@@ -137,13 +139,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Visibility vis{valid_length(p.query_lengths, b, L), valid_length(p.key_lengths, b, S), p.window_left,
                  p.window_right};
 
-  // Query range that can see one of this tile's keys: j - right <= i <= j + left.
-  int i_lo = 0, i_hi = vis.l_eff;
-  if (p.window_right >= 0) i_lo = static_cast<int>(max(int64_t(0), int64_t(n0) - p.window_right));
-  if (p.window_left >= 0) i_hi = static_cast<int>(min(int64_t(i_hi), int64_t(n0) + kBN + p.window_left));
-  if (n0 >= vis.s_eff) i_hi = i_lo;
-  const int mb_lo = i_lo / kBM;
-  const int num_mb = i_hi > i_lo ? (i_hi + kBM - 1) / kBM - mb_lo : 0;
+  int mb_lo, num_mb;  // the query tiles that can see one of this tile's keys
+  bwd_query_blocks(p, vis, n0, kBN, kBM, &mb_lo, &num_mb);
   const int num_iters = num_mb * group;  // (q head of the group, query tile) pairs
 
   float acc_dk[kNTilesDA][4], acc_dv[kNTilesDA][4];

@@ -145,11 +145,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       // the caller left there: P is 0 for them, but 0 * NaN is NaN, so their V
       // rows become zeros (as the sm_80 kernel's loads make them). TMA already
       // zero-filled rows past the tensor. Block-uniform, so __syncthreads is safe.
-      const int r0 = max(0, vis.s_eff - n0), chunks = kPanels * (kBN - r0) * 8;
-      for (int c = tid; c < chunks; c += Traits::kNThreads) {
-        const int pn = c / ((kBN - r0) * 8), r = r0 + (c / 8) % (kBN - r0);
-        st_shared_zero16(sV + s * kTileKV + pn * kPanelKV + r * 128 + (c % 8) * 16);
-      }
+      zero_rows(sV + s * kTileKV, kPanels, kPanelKV, max(0, vis.s_eff - n0), kBN, tid, Traits::kNThreads);
       fence_proxy_async_shared();
       __syncthreads();
     }

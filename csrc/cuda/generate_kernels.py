@@ -50,9 +50,11 @@ def main():
             f.write(text)
 
 
-# wgmma (sm_90a) shapes: m64nNk16 with float accumulators, N = the score
-# tile's keys (A and B from shared memory) or the output's head dim (A, the
-# probabilities, from registers; B = V, MN-major).
+# wgmma (sm_90a) shapes: m64nNk16 with float accumulators. Forward: N = the
+# score tile's keys (A and B from shared memory) or the output's head dim (A,
+# the probabilities, from registers; B = V, MN-major). Backward: N = the query
+# tile (S^T, dP^T), the head dim (dV, dK from registers) or half of it (dQ,
+# both operands MN-major).
 WGMMA_N = [64, 128]
 WGMMA_TYPES = {"__nv_bfloat16": "bf16", "__half": "f16"}
 
@@ -88,6 +90,16 @@ template <> struct Wgmma<{ctype}, {n}> {{
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{i_scale}, 0;\\n"
         "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptype}.{ptype} "
         "{{{regs}}}, %{i_a}, %{i_b}, p, 1, 1, 0, 0;\\n}}\\n"
+        : {outs}
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  }}
+  // The same with both operands MN-major in shared memory (imm-trans-a = imm-trans-b = 1).
+  static __device__ __forceinline__ void ss_mn(float (&d)[{nt}][4], uint64_t desc_a, uint64_t desc_b,
+                                               int scale_d) {{
+    asm volatile(
+        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{i_scale}, 0;\\n"
+        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptype}.{ptype} "
+        "{{{regs}}}, %{i_a}, %{i_b}, p, 1, 1, 1, 1;\\n}}\\n"
         : {outs}
         : "l"(desc_a), "l"(desc_b), "r"(scale_d));
   }}

@@ -145,6 +145,38 @@ constexpr size_t kSmemConsumerGpu = 99 * 1024;
 // and 91 KB; 96: 88 KB), 32-query steps at 128 (74 KB), and for 192/256
 // 16-query steps, 192 in three column splits of 64 (with 4 warps, kDqCols
 // must be a multiple of 16: 78 KB) and 256 with 32 keys (2 warps, 68 KB).
+// Hopper backward tiles (sm_90a, flash_bwd_sm90_kernel.h): 128 keys per block
+// as 2 warpgroups x 64 (wgmma's M), whose dK and dV (64 x D floats each) stay
+// in registers; 64 queries per step, Q and dO in a kStages-deep TMA ring; dS^T
+// (keys x queries) through shared memory, double-buffered, for dQ = dS K, of
+// which each warpgroup computes half the columns over all 128 keys. Panels of
+// 64 columns as in Sm90FwdTraits.
+template <typename T_, int kHeadDim_, int kStages_ = 2>
+struct Sm90BwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kWarpgroups = 2;
+  static constexpr int kBlockN = 64 * kWarpgroups;  // keys per block
+  static constexpr int kBlockM = 64;                // queries per step
+  static constexpr int kNThreads = 128 * kWarpgroups;
+  static constexpr int kStages = kStages_;
+  static constexpr int kPanels = kHeadDim / 64;
+  static constexpr int kDqCols = kHeadDim / kWarpgroups;  // dQ columns per warpgroup
+  static constexpr int kColSplits = 1;                    // every column in one block
+  static constexpr uint32_t kPanelBytesKV = kBlockN * 128, kPanelBytesQ = kBlockM * 128;
+  static constexpr uint32_t kTileBytesKV = kPanels * kPanelBytesKV, kTileBytesQ = kPanels * kPanelBytesQ;
+  static constexpr uint32_t kTileBytesDs = kBlockN * 128;  // keys x 64 queries: one panel
+  // K, V; Q and dO per stage; dS^T twice; 1 KB to align; the mbarriers (K/V's, each stage's).
+  static constexpr int kBarriers = 1 + kStages;
+  static constexpr size_t kSmemBytes =
+      2 * kTileBytesKV + 2 * kStages * kTileBytesQ + 2 * kTileBytesDs + 1024 + 8 * kBarriers;
+
+  static_assert(sizeof(T) == 2, "wgmma here takes fp16/bf16");
+  static_assert(kBlockM == 64, "dS^T rows hold 64 queries: one 128-byte swizzle row");
+  static_assert(kDqCols == 64, "each warpgroup's dQ columns are one 64-column panel of K");
+  static_assert(kSmemBytes <= 227 * 1024, "fits an sm_90 block");
+};
+
 template <typename T, int D> struct BwdConfig;
 template <typename T> struct BwdConfig<T, 32> {
   using Large = BwdTraits<T, 32, 128, 64, 8>;
@@ -161,6 +193,7 @@ template <typename T> struct BwdConfig<T, 96> {
 template <typename T> struct BwdConfig<T, 128> {
   using Large = BwdTraits<T, 128, 128, 64, 8>;
   using Small = BwdTraits<T, 128, 64, 32, 4>;
+  using Sm90 = Sm90BwdTraits<T, 128>;  // 161 KB
 };
 template <typename T> struct BwdConfig<T, 192> {
   using Large = BwdTraits<T, 192, 128, 64, 8, 2>;

@@ -14,6 +14,7 @@
 
 #include "flash_bwd_kernel.h"
 #include "flash_fwd_kernel.h"
+#include "flash_bwd_sm90_kernel.h"
 #include "flash_fwd_sm90_kernel.h"
 
 namespace effattn {
@@ -96,13 +97,14 @@ inline bool encode_tile_map(CUtensorMap* map, const void* base, bool bf16, int64
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// EFFATTN_CUDA_SM90 opts into the Hopper forward (off by default: it has not
-// yet run on a GPU): "1" takes it where it can run, "require" makes a call it
-// can't serve an error instead (cudaErrorNotSupported; tests use it so a
-// fallback can't pass for it). Head dims without a Hopper kernel ignore it.
+// EFFATTN_CUDA_SM90 (forward) and EFFATTN_CUDA_SM90_BWD (backward) opt into
+// the Hopper kernels (off by default: they have not yet run on a GPU): "1"
+// takes them where they can run, "require" makes a call they can't serve an
+// error instead (cudaErrorNotSupported; tests use it so a fallback can't pass
+// for them). Head dims without a Hopper kernel ignore them.
 enum class Sm90Mode { kOff, kOn, kRequire };
-inline Sm90Mode sm90_mode() {
-  const char* opt = std::getenv("EFFATTN_CUDA_SM90");
+inline Sm90Mode sm90_mode(const char* var) {
+  const char* opt = std::getenv(var);
   if (opt == nullptr) return Sm90Mode::kOff;
   if (std::strcmp(opt, "1") == 0) return Sm90Mode::kOn;
   return std::strcmp(opt, "require") == 0 ? Sm90Mode::kRequire : Sm90Mode::kOff;
@@ -142,28 +144,48 @@ struct HasSm90 : std::false_type {};
 template <typename Config>
 struct HasSm90<Config, std::void_t<typename Config::Sm90>> : std::true_type {};
 
+// Where environment variable `var` asks for a Hopper kernel: on an sm_90
+// device, try_sm90(&launched) launches it (or leaves launched false when TMA
+// can't describe the tensors). *handled = true when that launched (or
+// failed), or under "require" when it could not run: then return this error.
+template <typename TrySm90>
+cudaError_t maybe_sm90(const char* var, TrySm90&& try_sm90, bool* handled) {
+  *handled = false;
+  const Sm90Mode mode = sm90_mode(var);
+  if (mode == Sm90Mode::kOff) return cudaSuccess;
+  bool launched = false;
+  if (sm90_device()) {
+    const cudaError_t err = try_sm90(&launched);
+    if (err != cudaSuccess || launched) {
+      *handled = true;
+      return err;
+    }
+  }
+  *handled = mode == Sm90Mode::kRequire;
+  return *handled ? cudaErrorNotSupported : cudaSuccess;
+}
+
 // The forward for this device: the Hopper kernel where the head dim has one,
-// sm90_mode() asks for it and it can run; the sm_80 kernel otherwise.
+// EFFATTN_CUDA_SM90 asks for it and it can run; the sm_80 kernel otherwise.
 template <typename Config>
 cudaError_t launch_fwd_for_device(const FwdParams& p, bool aligned, cudaStream_t stream) {
   if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) return cudaSuccess;
   if constexpr (HasSm90<Config>::value) {
-    const Sm90Mode mode = p.seqlen_k > 0 ? sm90_mode() : Sm90Mode::kOff;  // no keys: nothing to load
-    if (mode != Sm90Mode::kOff) {
-      bool launched = false;
-      if (sm90_device()) {
-        cudaError_t err = launch_fwd_sm90<typename Config::Sm90>(p, stream, &launched);
-        if (err != cudaSuccess || launched) return err;
-      }
-      if (mode == Sm90Mode::kRequire) return cudaErrorNotSupported;
+    if (p.seqlen_k > 0) {  // no keys: nothing to load, the sm_80 kernel writes the zeros
+      bool handled = false;
+      const cudaError_t err = maybe_sm90(
+          "EFFATTN_CUDA_SM90", [&](bool* launched) { return launch_fwd_sm90<typename Config::Sm90>(p, stream, launched); },
+          &handled);
+      if (handled) return err;
     }
   }
   return launch_fwd<typename Config::Traits>(p, aligned, stream);
 }
 
-template <typename Traits>
-cudaError_t launch_bwd(const BwdParams& p, bool aligned, cudaStream_t stream) {
-  using T = typename Traits::T;
+// The backward's three launches: delta (and the log2 lse), main() (the main
+// kernel: dK, dV, and dQ into the float32 buffer), then dQ's conversion.
+template <typename T, typename Main>
+cudaError_t launch_bwd_steps(const BwdParams& p, cudaStream_t stream, Main&& main) {
   const int64_t rows = p.batch * p.heads_q * p.seqlen_q;
   if (rows > 0) {  // delta = rowsum(dO * O) - dlse: 8 rows (one per warp) per block
     bwd_delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
@@ -171,14 +193,7 @@ cudaError_t launch_bwd(const BwdParams& p, bool aligned, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
   if (p.batch > 0 && p.heads_kv > 0 && p.seqlen_k > 0) {
-    auto kernel = &flash_bwd_kernel<Traits>;
-    constexpr size_t smem = Traits::kSmemBytes;
-    cudaError_t err = set_smem_limit(kernel, smem);
-    if (err != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>((p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN * Traits::kColSplits),
-                    static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
-    kernel<<<grid, Traits::kNThreads, smem, stream>>>(p, aligned);
-    err = cudaGetLastError();
+    cudaError_t err = main();
     if (err != cudaSuccess) return err;
   }
   const int64_t n = rows * p.head_dim;
@@ -190,14 +205,62 @@ cudaError_t launch_bwd(const BwdParams& p, bool aligned, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// The backward's tile set for this device: Large where its shared memory fits
-// what a block may opt into, Small (<= 99 KB, every sm_80+ GPU) otherwise.
+// The backward's main kernel: one block per (key tile, column split) x kv head
+// x batch, with Traits' shared memory, on the caller's stream.
+template <typename Traits, typename Kernel, typename Arg>
+cudaError_t launch_bwd_kernel(Kernel kernel, const BwdParams& p, const Arg& arg, cudaStream_t stream) {
+  constexpr size_t smem = Traits::kSmemBytes;
+  cudaError_t err = set_smem_limit(kernel, smem);
+  if (err != cudaSuccess) return err;
+  constexpr int kSplits = Traits::kColSplits;
+  const dim3 grid(static_cast<unsigned>((p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN * kSplits),
+                  static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
+  kernel<<<grid, Traits::kNThreads, smem, stream>>>(p, arg);
+  return cudaGetLastError();
+}
+
+template <typename Traits>
+cudaError_t launch_bwd(const BwdParams& p, bool aligned, cudaStream_t stream) {
+  return launch_bwd_steps<typename Traits::T>(
+      p, stream, [&] { return launch_bwd_kernel<Traits>(&flash_bwd_kernel<Traits>, p, aligned, stream); });
+}
+
+// The Hopper backward's main kernel between the same delta and dQ steps;
+// *launched = false (and nothing done) when TMA can't describe the tensors.
+template <typename Traits>
+cudaError_t launch_bwd_sm90(const BwdParams& p, cudaStream_t stream, bool* launched) {
+  *launched = false;
+  const bool bf16 = std::is_same_v<typename Traits::T, __nv_bfloat16>;
+  Sm90BwdMaps maps;
+  if (!encode_tile_map(&maps.q, p.q, bf16, p.batch, p.heads_q, p.seqlen_q, p.head_dim, p.q_strides, Traits::kBlockM) ||
+      !encode_tile_map(&maps.dout, p.dout, bf16, p.batch, p.heads_q, p.seqlen_q, p.head_dim_v, p.do_strides,
+                       Traits::kBlockM) ||
+      !encode_tile_map(&maps.k, p.k, bf16, p.batch, p.heads_kv, p.seqlen_k, p.head_dim, p.k_strides, Traits::kBlockN) ||
+      !encode_tile_map(&maps.v, p.v, bf16, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, p.v_strides, Traits::kBlockN))
+    return cudaSuccess;
+  *launched = true;
+  return launch_bwd_steps<typename Traits::T>(
+      p, stream, [&] { return launch_bwd_kernel<Traits>(&flash_bwd_sm90_kernel<Traits>, p, maps, stream); });
+}
+
+// The backward for this device: the Hopper kernel as above; else the sm_80
+// kernel's tile set: Large where its shared memory fits what a block may opt
+// into, Small (<= 99 KB, every sm_80+ GPU) otherwise.
 // EFFATTN_CUDA_BWD_TILES=small|large overrides the choice (tests run Small
 // on GPUs that would pick Large).
 template <typename Config>
 cudaError_t launch_bwd_for_device(const BwdParams& p, bool aligned, cudaStream_t stream) {
   using Large = typename Config::Large;
   using Small = typename Config::Small;
+  if constexpr (HasSm90<Config>::value) {  // the Hopper backward where EFFATTN_CUDA_SM90_BWD asks for it
+    if (p.batch > 0 && p.heads_kv > 0 && p.seqlen_k > 0 && p.seqlen_q > 0) {
+      bool handled = false;
+      const cudaError_t err = maybe_sm90(
+          "EFFATTN_CUDA_SM90_BWD",
+          [&](bool* launched) { return launch_bwd_sm90<typename Config::Sm90>(p, stream, launched); }, &handled);
+      if (handled) return err;
+    }
+  }
   static_assert(Small::kSmemBytes <= kSmemConsumerGpu, "the Small backward tiles fit every sm_80+ GPU");
   static_assert(Large::kSmemBytes <= 227 * 1024, "the Large backward tiles fit an sm_90 block");
   if constexpr (std::is_same_v<Large, Small>) {

@@ -40,6 +40,13 @@ __host__ __device__ constexpr uint64_t gmma_desc_mn_major(uint32_t smem_addr, ui
   return gmma_desc_sw128(smem_addr, panel_bytes, kSwizzleAtomBytes);
 }
 
+// Byte offset of 16-bit element (row, col), col < 64, in a tile of 128-byte
+// rows with the 128-byte swizzle (what TMA writes; what the descriptors read):
+// the 16-byte chunk col / 8 of a row sits at chunk (col / 8) ^ (row % 8).
+__host__ __device__ constexpr uint32_t sw128_offset(int row, int col) {
+  return uint32_t(row) * 128 + ((uint32_t(col / 8) ^ uint32_t(row % 8)) * 16) + uint32_t(col % 8) * 2;
+}
+
 #if defined(__CUDA_ARCH__)
 
 // ---- mbarriers ----------------------------------------------------------------
@@ -84,6 +91,17 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* tensor_map
 // orders these generic-proxy writes before async-proxy reads (wgmma, TMA).
 __device__ __forceinline__ void st_shared_zero16(uint32_t addr) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
+}
+__device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+// Zeroes rows [row0, rows) of each of `panels` panels (rows x 128 bytes,
+// panel_bytes apart) from `tile`, with all nthreads threads of the block.
+__device__ __forceinline__ void zero_rows(uint32_t tile, int panels, uint32_t panel_bytes, int row0, int rows,
+                                          int tid, int nthreads) {
+  const int n = rows - row0, chunks = panels * n * 8;
+  for (int c = tid; c < chunks; c += nthreads)
+    st_shared_zero16(tile + (c / (n * 8)) * panel_bytes + (row0 + (c / 8) % n) * 128 + (c % 8) * 16);
 }
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

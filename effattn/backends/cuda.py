@@ -8,10 +8,11 @@ fit, Small (<= 99 KB) on sm_86/sm_89 and newer consumer parts.
 EFFATTN_CUDA_BWD_TILES=small forces Small (the tests use it to run both sets
 on one GPU).
 
-A Hopper forward (wgmma + TMA, csrc/cuda/flash_fwd_sm90_kernel.h) is built
-for sm_90a and opt-in with EFFATTN_CUDA_SM90=1 until it has been verified on
-a GPU ("require": an error instead of the sm_80 kernel where it can't run,
-for tests)."""
+Hopper kernels (wgmma + TMA, csrc/cuda/flash_{fwd,bwd}_sm90_kernel.h) are
+built for sm_90a and opt-in until they have been verified on a GPU:
+EFFATTN_CUDA_SM90=1 for the forward, EFFATTN_CUDA_SM90_BWD=1 for the backward
+("require": an error instead of the sm_80 kernel where they can't run, for
+tests)."""
 from __future__ import annotations
 
 from typing import List
@@ -39,18 +40,21 @@ _COMPILED_VARIANTS = _read_compiled_variants()  # read once: a constant, also un
 
 def compiled_variants() -> int:
     """effattn::cuda_variants (csrc/cuda/api.h): bit i for HEAD_DIMS[i] compiled (both dtypes,
-    forward and backward), bit 16 for the Hopper forward; 0 without CUDA kernels."""
+    forward and backward), bit 16 for the Hopper kernels; 0 without CUDA kernels."""
     return _COMPILED_VARIANTS
 
 
-SM90_HEAD_DIMS = (64, 128)  # the kernel head dims with a Hopper forward (kernel_traits.h, FwdConfig::Sm90)
+# The kernel head dims with a Hopper kernel (kernel_traits.h, FwdConfig/BwdConfig::Sm90).
+SM90_HEAD_DIMS = (64, 128)
+SM90_BWD_HEAD_DIMS = (128,)
 
 
-def sm90_forward_compiled() -> bool:
-    """Whether this build holds the Hopper forward (wgmma + TMA; built with TORCH_CUDA_ARCH_LIST
-    containing 9.0a). It runs on sm_90 GPUs when EFFATTN_CUDA_SM90=1 (opt-in until verified on a
-    GPU), for kernel head dims 64 and 128, where TMA can describe the tensors (16-byte aligned
-    base and strides); other calls take the sm_80 kernel."""
+def sm90_kernels_compiled() -> bool:
+    """Whether this build holds the Hopper kernels (wgmma + TMA; built with TORCH_CUDA_ARCH_LIST
+    containing 9.0a, as by default). They run on sm_90 GPUs when opted into (EFFATTN_CUDA_SM90=1
+    for the forward, EFFATTN_CUDA_SM90_BWD=1 for the backward, until verified on a GPU), at the
+    kernel head dims above, where TMA can describe the tensors (16-byte aligned base and
+    strides); other calls take the sm_80 kernels."""
     return bool(compiled_variants() >> 16 & 1)
 
 

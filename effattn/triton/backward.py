@@ -54,6 +54,9 @@ def bwd_preprocess_kernel(
     if HAS_DLSE:
         delta -= tl.load(DLSE + rows, mask=offs_m < L, other=0.0)
     lse = tl.load(LSE + rows, mask=offs_m < L, other=0.0)
+    # A row that saw no key (padding past query_lengths included) has P = 0 everywhere:
+    # delta 0 keeps whatever its dO holds (a NaN) out of dS = P (dP - delta).
+    delta = tl.where(lse == float("-inf"), 0.0, delta)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     tl.store(DELTA + rows, delta, mask=offs_m < L)
     tl.store(LSE2 + rows, lse2, mask=offs_m < L)
@@ -66,9 +69,10 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, mask_base,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, STRUCTURE_MASK: tl.constexpr,
                 MASK_KIND: tl.constexpr,
                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One query block against this program's keys; returns updated (dK, dV)."""
+    """One query block against this program's keys; returns updated (dK, dV).
+    Rows past query_lengths read as zeros: padding is never read."""
     offs_m = start_m + offs_m0
-    row_ok = offs_m < L
+    row_ok = offs_m < query_len
     q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :],
@@ -134,14 +138,15 @@ def bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    key_ok = offs_n < S
+    key_ok = offs_n < S  # dK, dV rows stored (zeros past key_lengths)
+    key_valid = offs_n < key_len  # keys past key_lengths read as zeros: padding is never read
 
     k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
                 + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
-                mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                mask=key_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
                 + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :],
-                mask=key_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                mask=key_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     dk = tl.zeros((BLOCK_N, HEAD_DIM_PAD), tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM_V_PAD), tl.float32)
 
@@ -182,7 +187,7 @@ def bwd_dkdv_kernel(
                                  HEAD_DIM, HEAD_DIM_V, True, MASK_KIND, UPCAST, PRECISION)
 
     # keys past key_lengths get exactly zero (interior blocks may have touched them)
-    live = (offs_n < key_len)[:, None]
+    live = key_valid[:, None]
     dk = tl.where(live, dk * scale, 0.0)
     dv = tl.where(live, dv, 0.0)
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
@@ -202,7 +207,7 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m
               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One key block for this program's queries; returns the updated dQ."""
     offs_n = start_n + offs_n0
-    key_ok = offs_n < S
+    key_ok = offs_n < key_len  # padding is never read
     kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
                  mask=key_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
     vt = tl.load(v_base + offs_n[None, :].to(tl.int64) * stride_vn + offs_dv[:, None],
@@ -277,12 +282,13 @@ def bwd_dq_kernel(
 
     dq = tl.zeros((BLOCK_M, HEAD_DIM_PAD), tl.float32)
     if hi > lo:
+        row_valid = offs_m < query_len  # rows past query_lengths read as zeros (dQ rows still stored)
         q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                     + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                    mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                    mask=row_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
                      + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :],
-                     mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                     mask=row_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         lse2 = tl.load(LSE2 + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
         # ---- near edge: masked ----

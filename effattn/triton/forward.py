@@ -49,10 +49,11 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, tile_b, tile_h,
     if USE_TMA:
         kt = tl.trans(k_desc.load([tile_b, tile_h, start_n, 0]).reshape(offs_n0.shape[0], offs_d.shape[0]))
     else:
-        # K^T tile (HEAD_DIM_PAD, BLOCK_N): keys past S read as zeros (and are masked)
+        # K^T tile (HEAD_DIM_PAD, BLOCK_N): keys past key_lengths read as zeros (and are
+        # masked): padding is never read, whatever it holds (0 * NaN would leak into P @ V)
         kt_mask = offs_d[:, None] < HEAD_DIM
         if STRUCTURE_MASK:
-            kt_mask = kt_mask & (offs_n[None, :] < S)
+            kt_mask = kt_mask & (offs_n[None, :] < key_len)
         kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None], mask=kt_mask,
                      other=0.0)
     s = mma(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, PRECISION) * qk_scale
@@ -80,7 +81,7 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, tile_b, tile_h,
     else:
         v_mask = offs_dv[None, :] < HEAD_DIM_V
         if STRUCTURE_MASK:
-            v_mask = v_mask & (offs_n[:, None] < S)
+            v_mask = v_mask & (offs_n[:, None] < key_len)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :], mask=v_mask,
                     other=0.0)
     acc = mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)

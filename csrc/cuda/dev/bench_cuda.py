@@ -9,6 +9,7 @@ before timing.
     python3 csrc/cuda/dev/bench_cuda.py --json out.json --md out.md
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -34,26 +35,27 @@ def sdpa_with(backend):
     return f
 
 
-def with_env(name, value, f):
-    """f with an environment variable set during each call (the C++ launcher reads it per call)."""
-    def g(*a):
-        prior = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            return f(*a)
-        finally:
-            if prior is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = prior
-    return g
-
-
 IMPLS = {"effattn-cuda": effattn_fwd,
-         # the Hopper forward (wgmma + TMA), required: an error rather than the sm_80 kernel
-         "effattn-cuda-sm90": with_env("EFFATTN_CUDA_SM90", "require", effattn_fwd),
+         # the Hopper kernels (wgmma + TMA), required: an error rather than the sm_80 ones
+         "effattn-cuda-sm90": effattn_fwd,
          "sdpa-flash": sdpa_with(SDPBackend.FLASH_ATTENTION),
          "sdpa-cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION)}
+# Environment set while an impl runs, forward and backward (the C++ launchers read it per call).
+ENVS = {"effattn-cuda-sm90": {"EFFATTN_CUDA_SM90": "require", "EFFATTN_CUDA_SM90_BWD": "require"}}
+
+
+@contextlib.contextmanager
+def environment(values):
+    prior = {n: os.environ.get(n) for n in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for n, v in prior.items():
+            if v is None:
+                del os.environ[n]
+            else:
+                os.environ[n] = v
 
 
 def main():
@@ -78,23 +80,24 @@ def main():
                 ref = sdpa_with(SDPBackend.FLASH_ATTENTION)(q, k, v, causal)
                 for name, f in impls.items():
                     row = dict(impl=args.label + name, E=E, L=L, B=B, H=H, causal=causal)
-                    try:
-                        out = f(q, k, v, causal)
-                        row["max_abs_diff_vs_flash"] = (out.float() - ref.float()).abs().max().item()
-                        with torch.no_grad():
-                            ms = triton.testing.do_bench(lambda: f(q, k, v, causal), return_mode="median")
-                        row["fwd_ms"], row["fwd_tflops"] = ms, flops / ms * 1e-9
-                        if args.fwd_only:
-                            rows.append(row)
-                            print(row, flush=True)
-                            continue
+                    with environment(ENVS.get(name, {})):
+                        try:
+                            out = f(q, k, v, causal)
+                            row["max_abs_diff_vs_flash"] = (out.float() - ref.float()).abs().max().item()
+                            with torch.no_grad():
+                                ms = triton.testing.do_bench(lambda: f(q, k, v, causal), return_mode="median")
+                            row["fwd_ms"], row["fwd_tflops"] = ms, flops / ms * 1e-9
+                            if args.fwd_only:
+                                rows.append(row)
+                                print(row, flush=True)
+                                continue
 
-                        def fb():
-                            f(q, k, v, causal).backward(dout)
-                        ms = triton.testing.do_bench(fb, grad_to_none=[q, k, v], return_mode="median")
-                        row["fwdbwd_ms"], row["fwdbwd_tflops"] = ms, 3.5 * flops / ms * 1e-9
-                    except Exception as e:  # a peer that cannot run here is reported, not fatal
-                        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                            def fb():
+                                f(q, k, v, causal).backward(dout)
+                            ms = triton.testing.do_bench(fb, grad_to_none=[q, k, v], return_mode="median")
+                            row["fwdbwd_ms"], row["fwdbwd_tflops"] = ms, 3.5 * flops / ms * 1e-9
+                        except Exception as e:  # a peer that cannot run here is reported, not fatal
+                            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                     rows.append(row)
                     print(row, flush=True)
                 del q, k, v, dout, ref

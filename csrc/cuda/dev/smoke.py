@@ -2,8 +2,8 @@
 gradients against the float64 reference math (on the GPU), per config; with
 --small, a few tiny calls only (for compute-sanitizer). EFFATTN_CUDA_BWD_TILES=small
 runs the backward's 99 KB tiles on a GPU that would pick the large ones; --sm90
-requires the Hopper forward (EFFATTN_CUDA_SM90=require) and drops the configs it
-can't serve."""
+requires the Hopper kernels (EFFATTN_CUDA_SM90{,_BWD}=require) and drops the
+configs they can't serve."""
 import os
 import sys
 
@@ -72,10 +72,10 @@ if __name__ == "__main__":
         cfgs.append(dict(B=2, H=2, L=70, S=90, E=64, mask=torch.rand(2, 1, 70, 90, device="cuda") > 0.5))
         cfgs.append(dict(B=1, H=1, L=40, S=50, E=256))  # column-split backward
         cfgs.append(dict(B=1, H=2, L=40, S=70, E=192, causal=True))
-    if "--sm90" in sys.argv:  # the Hopper forward, required (an error where it can't run)
-        os.environ["EFFATTN_CUDA_SM90"] = "require"
+    if "--sm90" in sys.argv:  # the Hopper kernels, required (an error where they can't run)
+        os.environ["EFFATTN_CUDA_SM90"] = os.environ["EFFATTN_CUDA_SM90_BWD"] = "require"
         cfgs = [c for c in cfgs if c.get("layout") != "strided"]  # TMA can't describe those rows
-        cfgs.append(dict(B=1, H=2, L=130, S=400, E=128, grads=False))  # 4 key blocks: the 2-stage ring wraps
+        cfgs.append(dict(B=1, H=2, L=130, S=400, E=128))  # forward: 4 key blocks (the ring wraps); backward: 3 query steps
     for c in cfgs:
         try:
             r = run(**c)
