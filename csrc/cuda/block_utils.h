@@ -238,5 +238,63 @@ __device__ __forceinline__ void write_rows(const float (&o)[kMT][kNTilesO][4], c
     }
 }
 
+// The backwards' fragments: a warp's 16 keys (rows key0 + 8 (e >> 1), key0
+// being this thread's g row) x kNTiles * 8 queries (column m0 + 8 j + 2 t +
+// (e & 1)) in the mma C layout.
+
+// P^T from S^T in place: exp2(scale * S^T + bias - lse), 0 where the pair is
+// hidden (when need_mask); lse(j, c) gives the log2 lse of column 8 j + 2 t + c.
+template <typename T, int kNTiles, typename Lse>
+__device__ __forceinline__ void bwd_probabilities(float (&ps)[kNTiles][4], bool need_mask, const Visibility& vis,
+                                                  const DenseMask<T>& dmask, int m0, int key0, int t,
+                                                  float scale_log2, Lse&& lse) {
+#pragma unroll
+  for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float s = ps[j][e] * scale_log2;
+      if (need_mask) {
+        const int i = m0 + j * 8 + 2 * t + (e & 1), jj = key0 + (e >> 1) * 8;
+        bool ok = vis(i, jj);
+        float bias = 0.f;
+        if (ok && dmask.base != nullptr) bias = dmask.bias_log2(i, jj, &ok);
+        s = ok ? s + bias : -INFINITY;
+      }
+      ps[j][e] = exp2f(s - lse(j, e & 1));
+    }
+}
+
+// dst[0], dst[1] += a, b in the float32 dQ buffer: columns c (even), c + 1 of E.
+__device__ __forceinline__ void add_dq_pair(float* dst, int c, int E, float a, float b) {
+  if (c + 1 < E && E % 2 == 0) {  // c is even: an 8-byte aligned pair
+    atomic_add2(dst, a, b);
+  } else {
+    if (c < E) atomicAdd(dst, a);
+    if (c + 1 < E) atomicAdd(dst + 1, b);
+  }
+}
+
+// The backwards' epilogue: these 16 keys' dK (times the softmax scale) and dV,
+// columns col0 + 8 j + 2 t (+ 1), for keys < S.
+template <typename T, int kNTiles>
+__device__ __forceinline__ void write_dk_dv(const float (&acc_dk)[kNTiles][4], const float (&acc_dv)[kNTiles][4],
+                                            const BwdParams& p, int b, int hk, int key0, int col0, int t) {
+  const int S = p.seqlen_k, E = p.head_dim, Ev = p.head_dim_v;
+  const float scale = static_cast<float>(p.scale);
+  T* dk = static_cast<T*>(p.dk) + b * p.dk_strides.batch + hk * p.dk_strides.head;
+  T* dv = static_cast<T*>(p.dv) + b * p.dv_strides.batch + hk * p.dv_strides.head;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key0 + r * 8;
+    if (key >= S) continue;
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j) {
+      const int c = col0 + j * 8 + 2 * t;
+      store2<T>(dk + key * p.dk_strides.row, c, E, acc_dk[j][2 * r] * scale, acc_dk[j][2 * r + 1] * scale);
+      store2<T>(dv + key * p.dv_strides.row, c, Ev, acc_dv[j][2 * r], acc_dv[j][2 * r + 1]);
+    }
+  }
+}
+
 }  // namespace cuda
 }  // namespace effattn

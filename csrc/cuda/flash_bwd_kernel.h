@@ -212,21 +212,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     // ---- P^T = exp2(scale * S^T + bias - lse), masked ---------------------
     const DenseMask<T> dmask = dense_mask<T>(p, b, h);
     const bool need_mask = dmask.base != nullptr || !vis.tile_all_visible(m0, kBM, n0, kBN);
-#pragma unroll
-    for (int j = 0; j < kNTilesQ; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int ql = j * 8 + 2 * t + (e & 1);
-        float s = ps[j][e] * scale_log2;
-        if (need_mask) {
-          const int i = m0 + ql, jj = n0 + key_local0 + (e >> 1) * 8;
-          bool ok = vis(i, jj);
-          float bias = 0.f;
-          if (ok && dmask.base != nullptr) bias = dmask.bias_log2(i, jj, &ok);
-          s = ok ? s + bias : -INFINITY;
-        }
-        ps[j][e] = exp2f(s - sLse_s[ql]);
-      }
+    bwd_probabilities<T>(ps, need_mask, vis, dmask, m0, n0 + key_local0, t, scale_log2,
+                         [&](int j, int c) { return sLse_s[j * 8 + 2 * t + c]; });
 
     // ---- dV += P^T @ dO -----------------------------------------------------
     warp_frags_times_tile<T, kBM, kDA, kStride>(acc_dv, ps, sdO_bt + do_off + col0 * sizeof(T),
@@ -275,34 +262,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt) {
             const int c = dq_col0 + dp * 16 + nt * 8 + 2 * t;
-            float* dst = dq_acc + int64_t(i) * E + c;
-            if (c + 1 < E && E % 2 == 0) {  // c is even: an 8-byte aligned pair
-              atomic_add2(dst, acc[nt][2 * r], acc[nt][2 * r + 1]);
-            } else {
-              if (c < E) atomicAdd(dst, acc[nt][2 * r]);
-              if (c + 1 < E) atomicAdd(dst + 1, acc[nt][2 * r + 1]);
-            }
+            add_dq_pair(dq_acc + int64_t(i) * E + c, c, E, acc[nt][2 * r], acc[nt][2 * r + 1]);
           }
         }
       }
     }
   }
 
-  // ---- write dK (times the softmax scale) and dV -------------------------------
-  const float scale = static_cast<float>(p.scale);
-  T* dk = static_cast<T*>(p.dk) + b * p.dk_strides.batch + hk * p.dk_strides.head;
-  T* dv = static_cast<T*>(p.dv) + b * p.dv_strides.batch + hk * p.dv_strides.head;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = n0 + key_local0 + r * 8;
-    if (key >= S) continue;
-#pragma unroll
-    for (int j = 0; j < kNTilesDA; ++j) {
-      const int c = col0 + j * 8 + 2 * t;
-      store2<T>(dk + key * p.dk_strides.row, c, E, acc_dk[j][2 * r] * scale, acc_dk[j][2 * r + 1] * scale);
-      store2<T>(dv + key * p.dv_strides.row, c, Ev, acc_dv[j][2 * r], acc_dv[j][2 * r + 1]);
-    }
-  }
+  write_dk_dv<T>(acc_dk, acc_dv, p, b, hk, n0 + key_local0, col0, t);  // block_utils.h
 }
 
 }  // namespace cuda

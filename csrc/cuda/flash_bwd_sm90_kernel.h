@@ -155,20 +155,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     // ---- P^T = exp2(scale * S^T + bias - lse), masked ----------------------------
     const DenseMask<T> dmask = dense_mask<T>(p, b, h);
     const bool need_mask = dmask.base != nullptr || !vis.tile_all_visible(m0, kBM, n0, kBN);
-#pragma unroll
-    for (int j = 0; j < kNTilesQ; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = acc_s[j][e] * scale_log2;
-        if (need_mask) {
-          const int i = m0 + j * 8 + 2 * t + (e & 1), jj = n0 + key_row0 + g + (e >> 1) * 8;
-          bool ok = vis(i, jj);
-          float bias = 0.f;
-          if (ok && dmask.base != nullptr) bias = dmask.bias_log2(i, jj, &ok);
-          x = ok ? x + bias : -INFINITY;
-        }
-        acc_s[j][e] = exp2f(x - lse_c[j][e & 1]);
-      }
+    bwd_probabilities<T>(acc_s, need_mask, vis, dmask, m0, n0 + key_row0 + g, t, scale_log2,
+                         [&](int j, int c) { return lse_c[j][c]; });
 
     // ---- dV += P^T dO (P^T from registers, dO MN-major) ----------------------------
     {
@@ -259,34 +247,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #pragma unroll
         for (int j = 0; j < kNTilesDq; ++j) {
           const int c = wg * Traits::kDqCols + j * 8 + 2 * t;
-          float* dst = dq_acc + int64_t(i) * E + c;
-          if (c + 1 < E && E % 2 == 0) {
-            atomic_add2(dst, acc_dq[j][2 * r], acc_dq[j][2 * r + 1]);
-          } else {
-            if (c < E) atomicAdd(dst, acc_dq[j][2 * r]);
-            if (c + 1 < E) atomicAdd(dst + 1, acc_dq[j][2 * r + 1]);
-          }
+          add_dq_pair(dq_acc + int64_t(i) * E + c, c, E, acc_dq[j][2 * r], acc_dq[j][2 * r + 1]);
         }
       }
     }
     __syncwarp();
   }
 
-  // ---- write dK (times the softmax scale) and dV --------------------------------------
-  const float scale = static_cast<float>(p.scale);
-  T* dk = static_cast<T*>(p.dk) + b * p.dk_strides.batch + hk * p.dk_strides.head;
-  T* dv = static_cast<T*>(p.dv) + b * p.dv_strides.batch + hk * p.dv_strides.head;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = n0 + key_row0 + g + r * 8;
-    if (key >= S) continue;
-#pragma unroll
-    for (int j = 0; j < kNTilesD; ++j) {
-      const int c = j * 8 + 2 * t;
-      store2<T>(dk + key * p.dk_strides.row, c, E, acc_dk[j][2 * r] * scale, acc_dk[j][2 * r + 1] * scale);
-      store2<T>(dv + key * p.dv_strides.row, c, Ev, acc_dv[j][2 * r], acc_dv[j][2 * r + 1]);
-    }
-  }
+  write_dk_dv<T>(acc_dk, acc_dv, p, b, hk, n0 + key_row0 + g, 0, t);  // block_utils.h
 #elif defined(__CUDA_ARCH__)
   __trap();  // never launched from code for other targets (see flash_fwd_sm90_kernel.h)
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
