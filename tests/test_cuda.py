@@ -364,8 +364,9 @@ def test_sm90_backward(fwd_kernel, case, dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_sm90_backward_padding_may_hold_nan(dtype, monkeypatch):
-    # Keys and queries past the lengths (and their dO rows) never reach the
-    # gradients, whatever memory they hold: same as with finite padding, bit for bit.
+    # The shared matrix's padding test at the Hopper backward's head dim: keys
+    # and queries past the lengths (and their dO rows) hold NaN, and no gradient
+    # changes (up to the order of dQ's float atomics).
     skip_without_sm90()
     monkeypatch.setenv("EFFATTN_CUDA_SM90_BWD", "require")
     kl, ql = torch.tensor([150, 37, 300], device="cuda"), torch.tensor([70, 5, 33], device="cuda")
@@ -378,14 +379,9 @@ def test_sm90_backward_padding_may_hold_nan(dtype, monkeypatch):
                 for b in range(3):
                     k[b, :, kl[b]:] = v[b, :, kl[b]:] = float("nan")
                     q[b, :, ql[b]:] = dout[b, :, ql[b]:] = float("nan")
-        out = cuda_attention(q, k, v, key_lengths=kl, query_lengths=ql)
-        out.backward(dout)
+        cuda_attention(q, k, v, key_lengths=kl, query_lengths=ql).backward(dout)
         grads.append([t.grad.clone() for t in (q, k, v)])
     for name, clean, poisoned in zip(("dq", "dk", "dv"), *grads):
-        rows = (slice(None),) * 4
-        assert torch.isfinite(poisoned[rows]).all() or name == "dq", name
-        if name == "dq":  # rows past query_lengths: NaN in q itself is not read there, but dq rows are 0
-            for b in range(3):
-                assert (poisoned[b, :, ql[b]:] == 0).all()
-        assert torch.equal(clean, poisoned), name
+        assert not poisoned.isnan().any(), f"{name}: the padding's NaN leaked in"
+        torch.testing.assert_close(poisoned, clean, msg=lambda m: f"{name}: {m}")
 
