@@ -16,7 +16,7 @@ import torch
 from conftest import assert_bound
 import effattn
 from effattn import reference
-from effattn.backends.cuda import SM90_HEAD_DIMS, CudaBackend, sm90_kernels_compiled
+from effattn.backends.cuda import SM90_BWD_HEAD_DIMS, SM90_HEAD_DIMS, CudaBackend, sm90_kernels_compiled
 from effattn.spec import make_spec
 
 BACKEND = CudaBackend()
@@ -332,7 +332,7 @@ def test_sm90_required_but_not_possible_is_an_error(monkeypatch):
         out.sum().backward()
 
 
-# ---- the Hopper backward (E in 97..128: the head-dim-128 kernel) -----------------------
+# ---- the Hopper backward (its kernel head dims 64 and 128) ------------------------------
 
 SM90_BWD_CASES = {
     "plain": (dict(B=2, Hq=2, L=130, S=200), {}),
@@ -345,25 +345,30 @@ SM90_BWD_CASES = {
     "float_mask": (dict(B=2, Hq=2, L=100, S=150),
                    dict(attn_mask=torch.randn(2, 2, 100, 150, generator=torch.Generator().manual_seed(6)))),
     "blhe": (dict(B=3, Hq=2, L=140, S=90, layout="blhe"), {}),
-    "head_dim_120": (dict(B=2, Hq=2, L=97, S=97, E=120), {}),
-    "value_dim_96": (dict(B=2, Hq=2, L=77, S=140, Ev=96), {}),
+    "head_dim_padded": (dict(B=2, Hq=2, L=97, S=97, E=-8), {}),  # E = D - 8: zero-filled columns
+    "value_dim_smaller": (dict(B=2, Hq=2, L=77, S=140, Ev=-32), {}),
     "long": (dict(B=1, Hq=2, L=700, S=900), dict(is_causal=True)),
 }
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("D", SM90_BWD_HEAD_DIMS)
 @pytest.mark.parametrize("case", list(SM90_BWD_CASES))
-def test_sm90_backward(fwd_kernel, case, dtype, monkeypatch):
+def test_sm90_backward(fwd_kernel, case, D, dtype, monkeypatch):
     # Both forwards feed it (out and lse are the backward's inputs); the Hopper
     # backward is required: a call it can't serve is an error, not a fallback.
     skip_without_sm90()
     monkeypatch.setenv("EFFATTN_CUDA_SM90_BWD", "require")
     shape, kw = SM90_BWD_CASES[case]
-    check(*make_inputs(**dict(dict(E=128), **shape), dtype=dtype), return_lse=case == "causal_gqa", **kw)
+    shape = dict(shape, E=D + min(shape.get("E", 0), 0))  # negative: relative to D
+    if "Ev" in shape:
+        shape["Ev"] = D + shape["Ev"]
+    check(*make_inputs(**shape, dtype=dtype), return_lse=case == "causal_gqa", **kw)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_sm90_backward_padding_may_hold_nan(dtype, monkeypatch):
+@pytest.mark.parametrize("D", SM90_BWD_HEAD_DIMS)
+def test_sm90_backward_padding_may_hold_nan(D, dtype, monkeypatch):
     # The shared matrix's padding test at the Hopper backward's head dim: keys
     # and queries past the lengths (and their dO rows) hold NaN, and no gradient
     # changes (up to the order of dQ's float atomics).
@@ -372,8 +377,8 @@ def test_sm90_backward_padding_may_hold_nan(dtype, monkeypatch):
     kl, ql = torch.tensor([150, 37, 300], device="cuda"), torch.tensor([70, 5, 33], device="cuda")
     grads = []
     for poison in (False, True):
-        (q, k, v), _ = make_inputs(B=3, Hq=2, L=70, S=300, E=128, dtype=dtype)
-        dout = torch.randn(3, 2, 70, 128, generator=torch.Generator().manual_seed(9)).to("cuda", dtype)
+        (q, k, v), _ = make_inputs(B=3, Hq=2, L=70, S=300, E=D, dtype=dtype)
+        dout = torch.randn(3, 2, 70, D, generator=torch.Generator().manual_seed(9)).to("cuda", dtype)
         if poison:
             with torch.no_grad():
                 for b in range(3):

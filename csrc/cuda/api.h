@@ -18,8 +18,8 @@ enum class DType : int { kHalf = 0, kBFloat16 = 1 };
 int kernel_head_dim(int64_t head_dim, int64_t head_dim_v);
 // Bit i is set when the i-th of 32, 64, 96, 128, 192, 256 is compiled.
 int64_t compiled_head_dims();
-// Whether the Hopper kernels (sm_90a: wgmma, TMA) are compiled: the forward at
-// head dims 64 and 128, the backward at 128.
+// Whether the Hopper kernels (sm_90a: wgmma, TMA) are compiled: forward and
+// backward at head dims 64 and 128.
 bool sm90_kernels_compiled();
 
 const char* run_fwd(const FwdParams& p, DType dtype, bool aligned, void* stream);

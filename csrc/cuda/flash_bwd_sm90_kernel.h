@@ -12,7 +12,8 @@
 //     registers; dO, Q as MN-major operands);
 //   - dS^T goes to shared memory (swizzled, double-buffered); after one block
 //     barrier each warpgroup computes dQ = dS K for 64 of the 128 columns over
-//     all 128 keys (both operands MN-major) and adds it with float atomics.
+//     all 128 keys (both operands MN-major), or at D = 64 all 64 columns over
+//     its own 64 keys, and adds it with float atomics.
 // The barrier also frees the step's Q/dO stage, which thread 0 then refills.
 // Rows past the lengths that TMA loaded from inside the tensors are zeroed in
 // shared memory (0 * NaN would leak otherwise), as the sm_80 kernel's loads do.
@@ -58,7 +59,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int g = lane / 4, t = lane % 4;
   const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const int group = p.heads_q / p.heads_kv;
-  const int L = p.seqlen_q, S = p.seqlen_k, E = p.head_dim, Ev = p.head_dim_v;
+  const int L = p.seqlen_q, S = p.seqlen_k, E = p.head_dim;
   const int n0 = n_block * kBN;
   const int key_row0 = wg * 64 + warp_in_wg * 16;  // this warp's 16 keys in the tile (and + g, + g + 8)
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
@@ -228,14 +229,24 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     __syncthreads();
     if (tid == 0 && it + kStages < num_iters) load_q_do(it + kStages);
 
-    // ---- dQ += dS K: kBM queries x this warpgroup's 64 columns, over all 128 keys ----
+    // ---- dQ += dS K: kBM queries x this warpgroup's kDqCols columns, over kDqKeys keys ----
     {
+      // D = 128: columns [64 wg, 64 wg + 64) = K's panel wg, every key; D = 64: K's one
+      // panel, this warpgroup's 64 keys (rows 64 wg.. of dS^T and of K).
       float acc_dq[kNTilesDq][4];
       wgmma_fence();
+      if constexpr (Traits::kDqByKeys) {
 #pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk)  // 16 keys: 16 rows of dS^T and of K's panel wg
-        Wgmma<T, Traits::kDqCols>::ss_mn(acc_dq, gmma_desc_mn_major(sdS_b + kk * 16 * 128, kTileDs),
-                                         gmma_desc_mn_major(sK + wg * kPanelKV + kk * 16 * 128, kPanelKV), kk > 0);
+        for (int kk = 0; kk < Traits::kDqKeys / 16; ++kk)  // 16 keys: 16 rows of dS^T and of K
+          Wgmma<T, Traits::kDqCols>::ss_mn(acc_dq, gmma_desc_mn_major(sdS_b + (wg * 64 + kk * 16) * 128, kTileDs),
+                                           gmma_desc_mn_major(sK + (wg * 64 + kk * 16) * 128, kPanelKV), kk > 0);
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < Traits::kDqKeys / 16; ++kk)
+          Wgmma<T, Traits::kDqCols>::ss_mn(acc_dq, gmma_desc_mn_major(sdS_b + kk * 16 * 128, kTileDs),
+                                           gmma_desc_mn_major(sK + wg * kPanelKV + kk * 16 * 128, kPanelKV),
+                                           kk > 0);
+      }
       wgmma_commit();
       wgmma_wait<0>();
       fence_operands(acc_dq);
@@ -246,7 +257,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         if (i >= vis.l_eff) continue;
 #pragma unroll
         for (int j = 0; j < kNTilesDq; ++j) {
-          const int c = wg * Traits::kDqCols + j * 8 + 2 * t;
+          const int c = (Traits::kDqByKeys ? 0 : wg * Traits::kDqCols) + j * 8 + 2 * t;
           add_dq_pair(dq_acc + int64_t(i) * E + c, c, E, acc_dq[j][2 * r], acc_dq[j][2 * r + 1]);
         }
       }

@@ -148,9 +148,11 @@ constexpr size_t kSmemConsumerGpu = 99 * 1024;
 // Hopper backward tiles (sm_90a, flash_bwd_sm90_kernel.h): 128 keys per block
 // as 2 warpgroups x 64 (wgmma's M), whose dK and dV (64 x D floats each) stay
 // in registers; 64 queries per step, Q and dO in a kStages-deep TMA ring; dS^T
-// (keys x queries) through shared memory, double-buffered, for dQ = dS K, of
-// which each warpgroup computes half the columns over all 128 keys. Panels of
-// 64 columns as in Sm90FwdTraits.
+// (keys x queries) through shared memory, double-buffered, for dQ = dS K. At
+// D = 128 each warpgroup computes 64 of dQ's columns over all 128 keys (one
+// panel of K each); at D = 64 (kDqByKeys) each computes all 64 columns over its
+// own 64 keys, and both add them (twice the atomics, no sub-panel operand).
+// Panels of 64 columns as in Sm90FwdTraits.
 template <typename T_, int kHeadDim_, int kStages_ = 2>
 struct Sm90BwdTraits {
   using T = T_;
@@ -161,8 +163,10 @@ struct Sm90BwdTraits {
   static constexpr int kNThreads = 128 * kWarpgroups;
   static constexpr int kStages = kStages_;
   static constexpr int kPanels = kHeadDim / 64;
-  static constexpr int kDqCols = kHeadDim / kWarpgroups;  // dQ columns per warpgroup
-  static constexpr int kColSplits = 1;                    // every column in one block
+  static constexpr bool kDqByKeys = kHeadDim == 64;
+  static constexpr int kDqCols = kDqByKeys ? kHeadDim : kHeadDim / kWarpgroups;  // dQ columns per warpgroup
+  static constexpr int kDqKeys = kDqByKeys ? 64 : kBlockN;                       // over this many keys
+  static constexpr int kColSplits = 1;                                           // every column in one block
   static constexpr uint32_t kPanelBytesKV = kBlockN * 128, kPanelBytesQ = kBlockM * 128;
   static constexpr uint32_t kTileBytesKV = kPanels * kPanelBytesKV, kTileBytesQ = kPanels * kPanelBytesQ;
   static constexpr uint32_t kTileBytesDs = kBlockN * 128;  // keys x 64 queries: one panel
@@ -173,7 +177,7 @@ struct Sm90BwdTraits {
 
   static_assert(sizeof(T) == 2, "wgmma here takes fp16/bf16");
   static_assert(kBlockM == 64, "dS^T rows hold 64 queries: one 128-byte swizzle row");
-  static_assert(kDqCols == 64, "each warpgroup's dQ columns are one 64-column panel of K");
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "dQ: one 64-column panel of K per warpgroup");
   static_assert(kSmemBytes <= 227 * 1024, "fits an sm_90 block");
 };
 
@@ -185,6 +189,7 @@ template <typename T> struct BwdConfig<T, 32> {
 template <typename T> struct BwdConfig<T, 64> {
   using Large = BwdTraits<T, 64, 128, 64, 8>;
   using Small = Large;
+  using Sm90 = Sm90BwdTraits<T, 64>;  // 97 KB
 };
 template <typename T> struct BwdConfig<T, 96> {
   using Large = BwdTraits<T, 96, 128, 64, 8>;

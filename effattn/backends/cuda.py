@@ -46,7 +46,7 @@ def compiled_variants() -> int:
 
 # The kernel head dims with a Hopper kernel (kernel_traits.h, FwdConfig/BwdConfig::Sm90).
 SM90_HEAD_DIMS = (64, 128)
-SM90_BWD_HEAD_DIMS = (128,)
+SM90_BWD_HEAD_DIMS = (64, 128)
 
 
 def sm90_kernels_compiled() -> bool:
