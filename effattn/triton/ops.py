@@ -138,11 +138,12 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_leng
         return out, lse
     meta["PRECISION"] = _precision(q.dtype, fp32_ieee)
     elem = q.element_size()
+    # configs are sized by the wider head dim and the device's shared memory per block
+    d_pad, smem = max(meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"]), configs.smem_limit(q.device)
     args_tail = (mstr[0], mstr[1], mstr[2], mstr[3], H, H // HKV, L, S)
     splits = _num_splits(B * H, S, q.device) if L <= configs.SHORT_QUERY_ROWS else 1
     if splits > 1:
-        bm, bn, w, st = configs.short(max(meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"]), elem, INTERPRET,
-                                      configs.smem_limit(q.device))
+        bm, bn, w, st = configs.short(d_pad, elem, INTERPRET, smem)
         per_split = triton.cdiv(triton.cdiv(S, splits), SPLIT_CHUNK) * SPLIT_CHUNK
         splits = triton.cdiv(S, per_split)
         o_part = torch.empty((splits, B, H, L, EV), dtype=torch.float32, device=q.device)
@@ -161,8 +162,7 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_leng
     use_tma = _use_tma(q, k, v, meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"])
     if use_tma:
         triton.set_allocator(_tma_scratch(q.device))
-    kernel, fixed = configs.launcher(attn_fwd_kernel, "fwd", max(meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"]), elem,
-                                     INTERPRET, max(L, S) > 256, configs.smem_limit(q.device))
+    kernel, fixed = configs.launcher(attn_fwd_kernel, "fwd", d_pad, elem, INTERPRET, max(L, S) > 256, smem)
     grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H, 1)  # noqa: E731
     wrap_triton(kernel)[grid](
         q, k, v, out, lse, mask_t, klen, qlen,
@@ -189,6 +189,7 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
         return dq.zero_(), dk.zero_(), dv.zero_()
     meta["PRECISION"] = _precision(q.dtype, fp32_ieee)
     elem = q.element_size()
+    d_pad, smem = max(meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"]), configs.smem_limit(q.device)
 
     # ---- 1. delta and lse2, (B, H, L) float32 each ----
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
@@ -203,8 +204,7 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
     common = dict(meta)
     buckets = (_bucket(L), _bucket(S))
     # ---- 2. dK, dV: one program per key block ----
-    kernel, fixed = configs.launcher(bwd_dkdv_kernel, "dkdv", max(meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"]),
-                                     elem, INTERPRET, max(L, S) > 256, configs.smem_limit(q.device))
+    kernel, fixed = configs.launcher(bwd_dkdv_kernel, "dkdv", d_pad, elem, INTERPRET, max(L, S) > 256, smem)
     grid = lambda META: (triton.cdiv(S, META["BLOCK_N"]), B * HKV)  # noqa: E731
     wrap_triton(kernel)[grid](
         q, k, v, grad_out, lse2, delta, dk, dv, mask_t, klen, qlen,
@@ -218,8 +218,7 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
     splits = _num_splits(B * H, S, q.device) if L <= configs.SHORT_QUERY_ROWS else 1
     tail = (mstr[0], mstr[1], mstr[2], mstr[3], H, H // HKV, L, S)
     if splits > 1:
-        bm, bn, w, st = configs.short(max(meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"]), elem, INTERPRET,
-                                      configs.smem_limit(q.device))
+        bm, bn, w, st = configs.short(d_pad, elem, INTERPRET, smem)
         per_split = triton.cdiv(triton.cdiv(S, splits), SPLIT_CHUNK) * SPLIT_CHUNK
         splits = triton.cdiv(S, per_split)
         dq_part = torch.empty((splits, B, H, L, E), dtype=torch.float32, device=q.device)
@@ -232,8 +231,7 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
             BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **common)
         dq.copy_(dq_part.sum(0))
         return dq, dk, dv
-    kernel, fixed = configs.launcher(bwd_dq_kernel, "dq", max(meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"]), elem,
-                                     INTERPRET, max(L, S) > 256, configs.smem_limit(q.device))
+    kernel, fixed = configs.launcher(bwd_dq_kernel, "dq", d_pad, elem, INTERPRET, max(L, S) > 256, smem)
     grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H, 1)  # noqa: E731
     wrap_triton(kernel)[grid](
         q, k, v, grad_out, lse2, delta, dq, mask_t, klen, qlen,
