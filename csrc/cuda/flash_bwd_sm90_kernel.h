@@ -83,16 +83,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     mbar_arrive_expect_tx(full(s), 2 * kTileQ);
 #pragma unroll
     for (int pn = 0; pn < kPanels; ++pn) {
-      tma_load_4d(sQ + s * kTileQ + pn * kPanelQ, &maps.q, full(s), pn * 64, m0, h, b);
-      tma_load_4d(sdO + s * kTileQ + pn * kPanelQ, &maps.dout, full(s), pn * 64, m0, h, b);
+      tma_load_4d(sQ + s * kTileQ + pn * kPanelQ, &maps.q, full(s), pn * kPanelCols, m0, h, b);
+      tma_load_4d(sdO + s * kTileQ + pn * kPanelQ, &maps.dout, full(s), pn * kPanelCols, m0, h, b);
     }
   };
   if (tid == 0 && num_iters > 0) {
     mbar_arrive_expect_tx(bar_kv, 2 * kTileKV);
 #pragma unroll
     for (int pn = 0; pn < kPanels; ++pn) {
-      tma_load_4d(sK + pn * kPanelKV, &maps.k, bar_kv, pn * 64, n0, hk, b);
-      tma_load_4d(sV + pn * kPanelKV, &maps.v, bar_kv, pn * 64, n0, hk, b);
+      tma_load_4d(sK + pn * kPanelKV, &maps.k, bar_kv, pn * kPanelCols, n0, hk, b);
+      tma_load_4d(sV + pn * kPanelKV, &maps.v, bar_kv, pn * kPanelCols, n0, hk, b);
     }
     for (int it = 0; it < kStages && it < num_iters; ++it) load_q_do(it);
   }

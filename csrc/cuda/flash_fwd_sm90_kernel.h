@@ -88,15 +88,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     const int s = it % kStages, n0 = (nb_hi - 1 - it) * kBN;
     mbar_arrive_expect_tx(full_k(s), kTileKV);
 #pragma unroll
-    for (int pn = 0; pn < kPanels; ++pn) tma_load_4d(sK + s * kTileKV + pn * kPanelKV, &maps.k, full_k(s), pn * 64, n0, hk, b);
+    for (int pn = 0; pn < kPanels; ++pn) tma_load_4d(sK + s * kTileKV + pn * kPanelKV, &maps.k, full_k(s), pn * kPanelCols, n0, hk, b);
     mbar_arrive_expect_tx(full_v(s), kTileKV);
 #pragma unroll
-    for (int pn = 0; pn < kPanels; ++pn) tma_load_4d(sV + s * kTileKV + pn * kPanelKV, &maps.v, full_v(s), pn * 64, n0, hk, b);
+    for (int pn = 0; pn < kPanels; ++pn) tma_load_4d(sV + s * kTileKV + pn * kPanelKV, &maps.v, full_v(s), pn * kPanelCols, n0, hk, b);
   };
   if (tid == 0 && n_blocks > 0) {
     mbar_arrive_expect_tx(bar_q, kTileQ);
 #pragma unroll
-    for (int pn = 0; pn < kPanels; ++pn) tma_load_4d(sQ + pn * kPanelQ, &maps.q, bar_q, pn * 64, m0, h, b);
+    for (int pn = 0; pn < kPanels; ++pn) tma_load_4d(sQ + pn * kPanelQ, &maps.q, bar_q, pn * kPanelCols, m0, h, b);
     for (int it = 0; it < kStages && it < n_blocks; ++it) load_kv(it);
   }
 

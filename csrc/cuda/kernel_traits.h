@@ -45,6 +45,11 @@ struct FwdTraits {
 // there, ptxas -v for sm_90: 128 and 732 bytes). Past 128, O alone needs
 // 96-128 registers at 16 rows: 64-row blocks of 4 warps x 16 rows, narrower
 // key steps at 256.
+// The Hopper kernels' tiles live in shared memory as panels of this many
+// columns: a row of the 128-byte swizzle holds 64 16-bit elements, the widest
+// a TMA box with that swizzle may be (sm90.h; the TMA boxes, launch_templates.h).
+constexpr int kPanelCols = 64;
+
 // Hopper forward tiles (sm_90a, flash_fwd_sm90_kernel.h): 2 warpgroups x 64
 // query rows (wgmma's M is 64 per warpgroup), kBlockN keys per step, K and V
 // in kStages-deep TMA rings. Tiles live in shared memory as 64-column panels
@@ -60,7 +65,6 @@ struct Sm90FwdTraits {
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kNThreads = 128 * kWarpgroups;
   static constexpr int kStages = kStages_;
-  static constexpr int kPanelCols = 64;
   static constexpr int kPanels = kHeadDim / kPanelCols;
   static constexpr uint32_t kPanelBytesQ = kBlockM * 128, kPanelBytesKV = kBlockN * 128;
   static constexpr uint32_t kTileBytesQ = kPanels * kPanelBytesQ, kTileBytesKV = kPanels * kPanelBytesKV;
@@ -162,7 +166,7 @@ struct Sm90BwdTraits {
   static constexpr int kBlockM = 64;                // queries per step
   static constexpr int kNThreads = 128 * kWarpgroups;
   static constexpr int kStages = kStages_;
-  static constexpr int kPanels = kHeadDim / 64;
+  static constexpr int kPanels = kHeadDim / kPanelCols;
   static constexpr bool kDqByKeys = kHeadDim == 64;
   static constexpr int kDqCols = kDqByKeys ? kHeadDim : kHeadDim / kWarpgroups;  // dQ columns per warpgroup
   static constexpr int kDqKeys = kDqByKeys ? 64 : kBlockN;                       // over this many keys

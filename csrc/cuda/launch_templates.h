@@ -44,12 +44,6 @@ cudaError_t launch_fwd_kernel(Kernel kernel, const FwdParams& p, const Arg& arg,
   return cudaGetLastError();
 }
 
-template <typename Traits>
-cudaError_t launch_fwd(const FwdParams& p, bool aligned, cudaStream_t stream) {
-  if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) return cudaSuccess;
-  return launch_fwd_kernel<Traits>(&flash_fwd_kernel<Traits>, p, aligned, stream);
-}
-
 // ---- the Hopper forward (flash_fwd_sm90_kernel.h) ----------------------------------
 
 // cuTensorMapEncodeTiled, a driver function, through the runtime (so the
@@ -89,7 +83,7 @@ inline bool encode_tile_map(CUtensorMap* map, const void* base, bool bf16, int64
     if (strides[i] % 16 != 0 || strides[i] >= (cuuint64_t(1) << 40)) return false;
     extent = strides[i] * dims[i + 1];
   }
-  const cuuint32_t box[4] = {64, cuuint32_t(box_rows), 1, 1};
+  const cuuint32_t box[4] = {kPanelCols, cuuint32_t(box_rows), 1, 1};
   const cuuint32_t unit[4] = {1, 1, 1, 1};
   return encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
                 const_cast<void*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
@@ -110,7 +104,7 @@ inline Sm90Mode sm90_mode(const char* var) {
   return std::strcmp(opt, "require") == 0 ? Sm90Mode::kRequire : Sm90Mode::kOff;
 }
 
-// The Hopper forward runs where it was compiled for sm_90a (setup.py defines
+// The Hopper kernels run where they were compiled for sm_90a (setup.py defines
 // EFFATTN_CUDA_SM90A) and the device is sm_90 (H100, H200, GH200).
 inline bool sm90_device() {
 #if defined(EFFATTN_CUDA_SM90A)
@@ -179,7 +173,8 @@ cudaError_t launch_fwd_for_device(const FwdParams& p, bool aligned, cudaStream_t
       if (handled) return err;
     }
   }
-  return launch_fwd<typename Config::Traits>(p, aligned, stream);
+  using Traits = typename Config::Traits;
+  return launch_fwd_kernel<Traits>(&flash_fwd_kernel<Traits>, p, aligned, stream);
 }
 
 // The backward's three launches: delta (and the log2 lse), main() (the main

@@ -20,8 +20,7 @@ namespace cuda {
 // CU_TENSOR_MAP_SWIZZLE_128B: rows of 64 16-bit elements (128 bytes), 16-byte
 // chunk c of row r stored at chunk c ^ (r % 8), 8-row atoms of 1024 bytes
 // (tiles 1024-byte aligned, so the base-offset field is 0).
-constexpr uint32_t kSwizzleAtomBytes = 1024;  // 8 rows x 128 bytes
-constexpr int kSwizzleCols = 64;              // 16-bit elements per 128-byte row
+constexpr uint32_t kSwizzleAtomBytes = 1024;  // 8 rows x 128 bytes (a row: 64 16-bit elements, kPanelCols)
 
 __host__ __device__ constexpr uint64_t gmma_desc_sw128(uint32_t smem_addr, uint32_t leading_bytes,
                                                        uint32_t stride_bytes) {
