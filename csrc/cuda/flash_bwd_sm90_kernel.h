@@ -238,12 +238,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       if constexpr (Traits::kDqByKeys) {
 #pragma unroll
         for (int kk = 0; kk < Traits::kDqKeys / 16; ++kk)  // 16 keys: 16 rows of dS^T and of K
-          Wgmma<T, Traits::kDqCols>::ss_mn(acc_dq, gmma_desc_mn_major(sdS_b + (wg * 64 + kk * 16) * 128, kTileDs),
+          Wgmma<T, Traits::kDqCols>::template ss<1>(acc_dq, gmma_desc_mn_major(sdS_b + (wg * 64 + kk * 16) * 128, kTileDs),
                                            gmma_desc_mn_major(sK + (wg * 64 + kk * 16) * 128, kPanelKV), kk > 0);
       } else {
 #pragma unroll
         for (int kk = 0; kk < Traits::kDqKeys / 16; ++kk)
-          Wgmma<T, Traits::kDqCols>::ss_mn(acc_dq, gmma_desc_mn_major(sdS_b + kk * 16 * 128, kTileDs),
+          Wgmma<T, Traits::kDqCols>::template ss<1>(acc_dq, gmma_desc_mn_major(sdS_b + kk * 16 * 128, kTileDs),
                                            gmma_desc_mn_major(sK + wg * kPanelKV + kk * 16 * 128, kPanelKV),
                                            kk > 0);
       }

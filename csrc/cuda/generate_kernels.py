@@ -84,24 +84,16 @@ template <typename T, int N> struct Wgmma;
 
 WGMMA_STRUCT = """
 template <> struct Wgmma<{ctype}, {n}> {{
-  // d = A B (scale_d == 0) or d += A B; A (64 x 16) and B (N x 16) K-major in shared memory.
+  // d = A B (scale_d == 0) or d += A B; A (64 x 16) and B (N x 16) in shared memory,
+  // both K-major, or both MN-major with kMnMajor = 1 (imm-trans-a = imm-trans-b = 1).
+  template <int kMnMajor = 0>
   static __device__ __forceinline__ void ss(float (&d)[{nt}][4], uint64_t desc_a, uint64_t desc_b, int scale_d) {{
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{i_scale}, 0;\\n"
         "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptype}.{ptype} "
-        "{{{regs}}}, %{i_a}, %{i_b}, p, 1, 1, 0, 0;\\n}}\\n"
+        "{{{regs}}}, %{i_a}, %{i_b}, p, 1, 1, %{i_mn}, %{i_mn};\\n}}\\n"
         : {outs}
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-  }}
-  // The same with both operands MN-major in shared memory (imm-trans-a = imm-trans-b = 1).
-  static __device__ __forceinline__ void ss_mn(float (&d)[{nt}][4], uint64_t desc_a, uint64_t desc_b,
-                                               int scale_d) {{
-    asm volatile(
-        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{i_scale}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptype}.{ptype} "
-        "{{{regs}}}, %{i_a}, %{i_b}, p, 1, 1, 1, 1;\\n}}\\n"
-        : {outs}
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kMnMajor));
   }}
   // d = A B (scale_d == 0) or d += A B; A (64 x 16) from registers in the
   // mma.sync A layout, B (16 x N) MN-major in shared memory (imm-trans-b = 1).
@@ -127,7 +119,7 @@ def wgmma_header():
             outs = ", ".join(f'"+f"(d[{i // 4}][{i % 4}])' for i in range(nregs))
             body.append(WGMMA_STRUCT.format(
                 ctype=ctype, n=n, nt=n // 8, ptype=ptype, regs=regs, outs=outs,
-                i_a=nregs, i_b=nregs + 1, i_scale=nregs + 2,
+                i_a=nregs, i_b=nregs + 1, i_scale=nregs + 2, i_mn=nregs + 3,
                 i_a1=nregs + 1, i_a2=nregs + 2, i_a3=nregs + 3, i_b2=nregs + 4, i_scale2=nregs + 5))
     return WGMMA_HEADER.format(body="".join(body))
 
