@@ -332,6 +332,25 @@ def test_sm90_required_but_not_possible_is_an_error(monkeypatch):
         out.sum().backward()
 
 
+@pytest.mark.parametrize("E,Ev", [(64, 128), (128, 64)])
+def test_sm90_declines_panels_outside_the_tensor(E, Ev, monkeypatch):
+    # At D = 128 either q/k or v has only the first 64-column panel: a TMA box
+    # would lie wholly outside it, so the Hopper kernels decline (launch_templates.h,
+    # panels_overlap). "1" falls back to the sm_80 kernels; "require" is an error.
+    monkeypatch.setenv("EFFATTN_CUDA_SM90", "1")
+    monkeypatch.setenv("EFFATTN_CUDA_SM90_BWD", "1")
+    check(*make_inputs(B=2, Hq=2, L=77, S=140, E=E, Ev=Ev, dtype=torch.bfloat16))
+    skip_without_sm90()
+    (q, k, v), _ = make_inputs(B=1, Hq=2, L=64, S=64, E=E, Ev=Ev)
+    monkeypatch.setenv("EFFATTN_CUDA_SM90", "require")
+    with pytest.raises(RuntimeError, match="not supported"), torch.no_grad():
+        cuda_attention(q, k, v)
+    monkeypatch.setenv("EFFATTN_CUDA_SM90", "1")
+    monkeypatch.setenv("EFFATTN_CUDA_SM90_BWD", "require")
+    with pytest.raises(RuntimeError, match="not supported"):
+        cuda_attention(q, k, v).sum().backward()
+
+
 # ---- the Hopper backward (its kernel head dims 64 and 128) ------------------------------
 
 SM90_BWD_CASES = {

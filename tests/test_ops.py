@@ -190,6 +190,39 @@ def test_no_seq_by_seq_allocation(opts):
     assert ref_biggest >= one_score_matrix
 
 
+def _cuobjdump():
+    """cuobjdump from the CUDA toolkit, or the one Triton ships; None if neither is there."""
+    import shutil
+    found = [shutil.which("cuobjdump"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")]
+    try:
+        import triton.backends.nvidia
+        found.append(os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((f for f in found if f and os.access(f, os.X_OK)), None)
+
+
+def test_hopper_kernels_fit_their_registers():
+    # The Hopper kernels hold whole accumulator tiles in registers (the backward
+    # at D = 128 uses 252 of 255): an edit that tips one into spilling (local
+    # memory) would slow it down silently. Read from the built module itself.
+    import re
+    import subprocess
+    import effattn._C
+    from effattn.backends import cuda
+    if not cuda.sm90_kernels_compiled():
+        pytest.skip("effattn was built without its Hopper kernels (no 9.0a in the arch list)")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton's) to read the kernels' resource usage")
+    out = subprocess.run([tool, "--dump-resource-usage", effattn._C.__file__], capture_output=True, text=True,
+                         check=True).stdout
+    usage = dict(re.findall(r"Function (\S*sm90_kernel\S*):\s*\n\s*(REG:.*)", out))
+    assert len(usage) >= 8, f"expected the Hopper forward and backward x 2 dtypes x 2 head dims, got {list(usage)}"
+    for name, res in usage.items():
+        assert "STACK:0 " in res and "LOCAL:0 " in res, f"{name} spills: {res}"
+
+
 def test_generated_cuda_files_are_current():
     # csrc/cuda's generated files (kernel instantiations, the wgmma wrappers) are
     # what generate_kernels.py writes now: an edit of either side alone fails here.

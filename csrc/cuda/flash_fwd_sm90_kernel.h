@@ -11,11 +11,13 @@
 //     takes P from registers (the S accumulator's layout is the A fragment's)
 //     and V from shared memory as an MN-major (transposed) operand.
 //   - The ring: a stage's "full" barriers (K, V separately, so Q K^T starts
-//     before V lands) and an "empty" barrier all 256 threads arrive on once
-//     their P V MMAs are done; the producing thread waits on it before
-//     refilling that stage, so the next blocks load while this one computes,
-//     and the two warpgroups can drift a step apart (one's softmax overlapping
-//     the other's MMAs).
+//     before V lands), and its release counter: once a warpgroup's P V MMAs
+//     are done (the warpgroup meets at its own named barrier), one of its
+//     threads counts it in, and the second warpgroup to count refills the
+//     stage. No thread ever waits for the other warpgroup, only for data, so
+//     the warpgroups drift up to kStages - 1 steps apart (one's softmax
+//     overlapping the other's MMAs) and no extra producer warp (nor its
+//     registers) is needed.
 // Tiles (Sm90FwdTraits): 128 query rows x kBlockN keys per step; key blocks in
 // reverse like the sm_80 kernel (the partly masked ones first).
 #pragma once
@@ -50,10 +52,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const uint32_t sQ = (smem_addr(smem_sm90) + 1023u) & ~1023u;
   const uint32_t sK = sQ + kTileQ;                  // stage s: sK + s * kTileKV
   const uint32_t sV = sK + kStages * kTileKV;       // stage s: sV + s * kTileKV
-  const uint32_t bar_q = sV + kStages * kTileKV;    // then full_k[s], full_v[s], empty[s]
+  const uint32_t bar_q = sV + kStages * kTileKV;    // then full_k[s], full_v[s], released[s]
   auto full_k = [&](int s) { return bar_q + 8u * (1 + s); };
   auto full_v = [&](int s) { return bar_q + 8u * (1 + kStages + s); };
-  auto empty = [&](int s) { return bar_q + 8u * (1 + 2 * kStages + s); };
+  auto released = [&](int s) { return bar_q + 8u * (1 + 2 * kStages + s); };  // a 32-bit counter
 
   const int tid = threadIdx.x, wg = tid / 128, lane = tid % 32, warp_in_wg = (tid % 128) / 32;
   const int g = lane / 4, t = lane % 4;
@@ -77,13 +79,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full_k(s), 1);
       mbar_init(full_v(s), 1);
-      mbar_init(empty(s), Traits::kNThreads);
+      st_shared_b32(released(s), 0u);
     }
     mbar_fence_init();
   }
   __syncthreads();
 
-  // Thread 0 only: the K and V tiles of step `it` into stage it % kStages.
+  // One thread: the K and V tiles of step `it` into stage it % kStages.
   auto load_kv = [&](int it) {
     const int s = it % kStages, n0 = (nb_hi - 1 - it) * kBN;
     mbar_arrive_expect_tx(full_k(s), kTileKV);
@@ -159,13 +161,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     fence_operands(acc_o[0]);
     fence_operands(a_p);
 
-    // Stage s is free once every thread's MMAs have read it; then refill it.
-    mbar_arrive(empty(s));
-    if (tid == 0 && it + kStages < n_blocks) {
-      mbar_wait(empty(s), phase);
-      load_kv(it + kStages);
+    // Stage s is free once both warpgroups' MMAs have read it: each meets at
+    // its own barrier (its 4 warps' wgmma_wait are behind it), one thread counts
+    // it in, and the second to count (an odd old value) refills the stage.
+    if (it + kStages < n_blocks) {
+      named_barrier_sync(1 + wg, 128);
+      if (tid % 128 == 0 && (shared_count_in(released(s)) & 1u)) load_kv(it + kStages);
+      __syncwarp();
     }
-    __syncwarp();
   }
 
   // ---- epilogue: normalise, write out and lse (block_utils.h) -------------------

@@ -69,7 +69,8 @@ struct Sm90FwdTraits {
   static constexpr uint32_t kPanelBytesQ = kBlockM * 128, kPanelBytesKV = kBlockN * 128;
   static constexpr uint32_t kTileBytesQ = kPanels * kPanelBytesQ, kTileBytesKV = kPanels * kPanelBytesKV;
   // Q, the K and V rings, 1 KB to align the tiles to the swizzle's 1024-byte
-  // atoms, then the mbarriers: Q's, K's and V's "full" and the stages' "empty".
+  // atoms, then 8-byte slots: the mbarriers (Q's, K's and V's "full") and each
+  // stage's release counter.
   static constexpr int kBarriers = 1 + 3 * kStages;
   static constexpr size_t kSmemBytes = kTileBytesQ + 2 * kStages * kTileBytesKV + 1024 + 8 * kBarriers;
 

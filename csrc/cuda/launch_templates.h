@@ -118,14 +118,27 @@ inline bool sm90_device() {
 #endif
 }
 
+// Whether every TMA box of the Hopper kernels overlaps its tensor. At D = 128
+// with E or Ev <= 64, a 64-column panel would lie wholly past a tensor's last
+// column: TMA zero-fills what lies outside a box and counts it toward the
+// barrier's bytes, but no document says so for a box with nothing inside, and
+// one that counted nothing would leave its barrier waiting. Such calls (e.g.
+// E = 64, Ev = 128) take the sm_80 kernels until a GPU run shows otherwise.
+template <typename Traits>
+bool panels_overlap(const int head_dim, const int head_dim_v) {
+  const int last_panel = (Traits::kPanels - 1) * kPanelCols;
+  return head_dim > last_panel && head_dim_v > last_panel;
+}
+
 // Launches the Hopper forward; *launched = false (and nothing done) when TMA
-// can't describe the tensors, so the caller runs the sm_80 kernel instead.
+// can't describe the tensors (or a box would lie outside them), so the caller runs the sm_80 kernel instead.
 template <typename Traits>
 cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream, bool* launched) {
   *launched = false;
   const bool bf16 = std::is_same_v<typename Traits::T, __nv_bfloat16>;
   Sm90Maps maps;
-  if (!encode_tile_map(&maps.q, p.q, bf16, p.batch, p.heads_q, p.seqlen_q, p.head_dim, p.q_strides, Traits::kBlockM) ||
+  if (!panels_overlap<Traits>(p.head_dim, p.head_dim_v) ||
+      !encode_tile_map(&maps.q, p.q, bf16, p.batch, p.heads_q, p.seqlen_q, p.head_dim, p.q_strides, Traits::kBlockM) ||
       !encode_tile_map(&maps.k, p.k, bf16, p.batch, p.heads_kv, p.seqlen_k, p.head_dim, p.k_strides, Traits::kBlockN) ||
       !encode_tile_map(&maps.v, p.v, bf16, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, p.v_strides, Traits::kBlockN))
     return cudaSuccess;
@@ -221,13 +234,15 @@ cudaError_t launch_bwd(const BwdParams& p, bool aligned, cudaStream_t stream) {
 }
 
 // The Hopper backward's main kernel between the same delta and dQ steps;
-// *launched = false (and nothing done) when TMA can't describe the tensors.
+// *launched = false (and nothing done) when TMA can't describe the tensors
+// (or a box would lie outside them).
 template <typename Traits>
 cudaError_t launch_bwd_sm90(const BwdParams& p, cudaStream_t stream, bool* launched) {
   *launched = false;
   const bool bf16 = std::is_same_v<typename Traits::T, __nv_bfloat16>;
   Sm90BwdMaps maps;
-  if (!encode_tile_map(&maps.q, p.q, bf16, p.batch, p.heads_q, p.seqlen_q, p.head_dim, p.q_strides, Traits::kBlockM) ||
+  if (!panels_overlap<Traits>(p.head_dim, p.head_dim_v) ||
+      !encode_tile_map(&maps.q, p.q, bf16, p.batch, p.heads_q, p.seqlen_q, p.head_dim, p.q_strides, Traits::kBlockM) ||
       !encode_tile_map(&maps.dout, p.dout, bf16, p.batch, p.heads_q, p.seqlen_q, p.head_dim_v, p.do_strides,
                        Traits::kBlockM) ||
       !encode_tile_map(&maps.k, p.k, bf16, p.batch, p.heads_kv, p.seqlen_k, p.head_dim, p.k_strides, Traits::kBlockN) ||

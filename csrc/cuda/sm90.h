@@ -1,6 +1,6 @@
-// Thin wrappers over the Hopper (sm_90a) PTX of the Hopper forward
-// (flash_fwd_sm90_kernel.h): mbarriers, TMA tile loads, wgmma's fences and
-// shared-memory matrix descriptors. Everything here is only ever executed in
+// Thin wrappers over the Hopper (sm_90a) PTX of the Hopper kernels
+// (flash_{fwd,bwd}_sm90_kernel.h): mbarriers, TMA tile loads, named barriers,
+// wgmma's fences and shared-memory matrix descriptors. Everything here is only ever executed in
 // code compiled for sm_90a (guarded by __CUDA_ARCH_FEAT_SM90_ALL); the
 // descriptor encoding is plain arithmetic, so host code can check it.
 #pragma once
@@ -58,20 +58,31 @@ __device__ __forceinline__ void mbar_fence_init() { asm volatile("fence.mbarrier
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Waits until the barrier's phase with parity `phase` has completed.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
+// One test of whether the barrier's phase with parity `phase` has completed.
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t phase) {
+  uint32_t done;
   asm volatile(
       "{\n"
-      ".reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n"
-      "}\n" ::"r"(bar),
-      "r"(phase)
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(phase)
       : "memory");
+  return done != 0;
+}
+// No wait here lasts more than microseconds unless the protocol is broken (a
+// TMA whose bytes never all arrive, an arrival that never comes): past about
+// 10 s (2^34 cycles at ~1.8 GHz) the thread traps, so the call fails with a
+// launch error instead of hanging the GPU. The clock is read only once the
+// first test has failed.
+constexpr long long kHangCycles = 1LL << 34;
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
+  if (mbar_try_wait(bar, phase)) return;
+  const long long start = clock64();
+  while (!mbar_try_wait(bar, phase))
+    if (clock64() - start > kHangCycles) __trap();
 }
 
 // ---- TMA: a 4-D box (dim 0 innermost) global -> shared, completing on `bar` ----
@@ -104,6 +115,20 @@ __device__ __forceinline__ void zero_rows(uint32_t tile, int panels, uint32_t pa
 }
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Barrier `id` (1..15; 0 is __syncthreads') over `threads` threads, in whole
+// warps: e.g. one warpgroup's (id 1 + warpgroup, 128 threads).
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Adds 1 to a shared counter and returns its old value, with acquire-release
+// order: what this thread saw complete before it happens before what the next
+// thread to add does after.
+__device__ __forceinline__ uint32_t shared_count_in(uint32_t addr) {
+  uint32_t old;
+  asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;\n" : "=r"(old) : "r"(addr) : "memory");
+  return old;
 }
 
 // ---- wgmma ordering ---------------------------------------------------------------
