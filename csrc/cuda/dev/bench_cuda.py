@@ -103,11 +103,13 @@ def main():
                 del q, k, v, dout, ref
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), date=datetime.datetime.utcnow().isoformat(timespec="seconds") + "Z",
-                command=" ".join(["python3 csrc/cuda/dev/bench_cuda.py"] + sys.argv[1:]), dtype="bfloat16", tokens=16384, heads=16)
+                command=" ".join(["python3 csrc/cuda/dev/bench_cuda.py"] + sys.argv[1:]), dtype="bfloat16", tokens=16384, heads=16,
+                commit=os.environ.get("EFFATTN_COMMIT", ""))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(meta=meta, rows=rows), fh, indent=1)
-    lines = [f"device {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}",
+    lines = [f"device {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}, "
+             f"commit {meta['commit'] or 'unknown'}",
              f"command: `{meta['command']}` (bf16, B*L = 16k tokens, H = 16; TFLOP/s, do_bench median)", "",
              "| E | L | causal | impl | fwd TFLOP/s | fwd+bwd TFLOP/s | max abs diff vs flash |",
              "|---|---|---|---|---|---|---|"]
