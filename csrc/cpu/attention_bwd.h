@@ -13,6 +13,9 @@
 // can see these keys streams past:
 //   S  = scale * Q K^T + bias            P  = exp(S - lse)   (0 if lse = -inf;
 //                                        in base 2, simd.h)
+//   (S is rounded exactly as the forward's was: Q pre-multiplied by
+//   scale * log2 e, the same GEMM order, so P matches the saved lse even
+//   where logits are large; lse * log2 e enters as a hi + lo pair.)
 //   dV += P^T dO                         dP = dO V^T
 //   dS = P * (dP - delta)                dK += scale * dS^T Q
 //   dQ_accum[s] += scale * dS K
@@ -59,7 +62,8 @@ template <typename scalar_t, typename acc_t>
 struct BwdTile {
   const BwdParams& p;
   const int64_t E, Ev, Ep, Evp;
-  Scratch<acc_t> k, kt, vt, dk, dv, q, dO, s, dp, bias, lse, delta, row_buf;
+  const acc_t scale2;  // scale * log2(e), as the forward rounds it
+  Scratch<acc_t> k, kt, vt, dk, dv, q, qs, dO, s, dp, bias, lse, delta, row_buf;
 
   explicit BwdTile(const BwdParams& params)
       : p(params),
@@ -67,12 +71,14 @@ struct BwdTile {
         Ev(params.head_dim_v),
         Ep(padded(params.head_dim)),
         Evp(padded(params.head_dim_v)),
+        scale2(static_cast<acc_t>(params.scale * kLog2e)),
         k(kBwdBlockN * Ep),
         kt(E * kBwdBlockN),
         vt(Ev * kBwdBlockN),
         dk(kBwdBlockN * Ep),
         dv(kBwdBlockN * Evp),
         q(kBwdBlockM * Ep),
+        qs(kBwdBlockM * Ep),
         dO(kBwdBlockM * Evp),
         s(kBwdBlockM * kBwdBlockN),
         dp(kBwdBlockM * kBwdBlockN),
@@ -144,9 +150,15 @@ struct BwdTile {
     load_tile(Q + i0 * p.q_strides.row, p.q_strides.row, M, E, q.data(), Ep);
     load_tile(DO + i0 * p.do_strides.row, p.do_strides.row, M, Ev, dO.data(), Evp);
 
-    // P = exp(scale * Q K^T + bias - lse), in base 2 as in the forward
-    gemm<acc_t, false>(M, Nv, E, q.data(), Ep, 1, kt.data(), BN, s.data(), BN);
-    const acc_t scale2 = static_cast<acc_t>(p.scale * kLog2e);
+    // P = exp(scale * Q K^T + bias - lse), in base 2 and rounded exactly as the
+    // forward's scores were (Q pre-multiplied by scale * log2 e, the same GEMM
+    // order, the same mask step): the recomputed P sums to 1 against the saved
+    // lse. Scores scaled after the GEMM round differently, which at large
+    // logits (|lse| ~ 100) moved gradients several times PyTorch math's error.
+    constexpr int64_t W = kLanes<acc_t>;
+    const Vec<acc_t> vs2 = vbroadcast(scale2);
+    for (int64_t c = 0; c < M * Ep; c += W) vstore(qs.data() + c, vload(q.data() + c) * vs2);
+    gemm<acc_t, false>(M, Nv, E, qs.data(), Ep, 1, kt.data(), BN, s.data(), BN);
     for (int64_t r = 0; r < M; ++r) {
       acc_t* srow = s.data() + r * BN;
       if (lse[r] == neg_inf<acc_t>()) {
@@ -154,19 +166,19 @@ struct BwdTile {
         continue;
       }
       const int64_t lo = rb.begin(i0 + r) - j0, hi = rb.end(i0 + r) - j0;
-      acc_t mul = scale2;
-      if (needs_finish(bias_tile != nullptr, lo, hi, Nv)) {
-        finish_score_row(srow, bias_tile ? bias_tile + r * BN : nullptr, N, Nv, scale2, lo, hi);
-        mul = acc_t(1);
-      }
-      exp2_shift(srow, Nv, mul, lse[r] * static_cast<acc_t>(kLog2e));
+      if (needs_finish(bias_tile != nullptr, lo, hi, Nv))
+        finish_score_row(srow, bias_tile ? bias_tile + r * BN : nullptr, N, Nv, acc_t(1), lo, hi);
+      // lse * log2 e as hi + lo (hi the nearest acc_t): s * mul - hi is then a small
+      // number, rounded at its own size, not at lse's
+      const double shift = double(lse[r]) * kLog2e;
+      const acc_t shift_hi = static_cast<acc_t>(shift);
+      exp2_shift(srow, Nv, shift_hi, static_cast<acc_t>(shift - double(shift_hi)));
     }
     // dV += P^T dO
     gemm<acc_t, true>(N, round_up_lanes<acc_t>(Ev), M, s.data(), 1, BN, dO.data(), Evp,
                       dv.data(), Evp);
     // dP = dO V^T, then dS = P * (dP - delta) in place
     gemm<acc_t, false>(M, Nv, Ev, dO.data(), Evp, 1, vt.data(), BN, dp.data(), BN);
-    constexpr int64_t W = kLanes<acc_t>;
     for (int64_t r = 0; r < M; ++r) {
       const acc_t* prow = s.data() + r * BN;
       acc_t* drow = dp.data() + r * BN;

@@ -120,8 +120,10 @@ struct FwdTile {
       const bool empty = r >= M || l[r] == acc_t(0);
       const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
       store_tile(acc.data() + r * Evp, Evp, 1, Ev, inv, O + (i0 + r) * p.o_strides.row, 0);
-      // m is in base 2: lse = ln 2 * (m + log2 l)
-      LSE[i0 + r] = empty ? neg_inf<acc_t>() : static_cast<acc_t>(kLn2) * (m[r] + std::log2(l[r]));
+      // m is in base 2: lse = ln 2 * (m + log2 l), in double and rounded once (lse may be
+      // ~100: each float rounding there moves every recomputed probability by ~1e-6)
+      LSE[i0 + r] = empty ? neg_inf<acc_t>()
+                          : static_cast<acc_t>(kLn2 * (double(m[r]) + std::log2(double(l[r]))));
     }
   }
 

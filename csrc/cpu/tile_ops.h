@@ -187,8 +187,8 @@ inline bool load_mask_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0,
 // s * scale2 + bias * log2(e), scale2 = scale * log2(e).
 //
 // Whether a row of the backward needs finish_score_row before its exp: when
-// a mask or the band cuts into the tile. Otherwise the scaling is folded into
-// the exp's argument (exp2_shift with mul = scale2), saving a pass.
+// a mask or the band cuts into the tile (its scores are already in base 2:
+// Q was pre-multiplied by scale2, as in the forward).
 inline bool needs_finish(bool has_bias, int64_t lo, int64_t hi, int64_t Nv) {
   return has_bias || lo > 0 || hi < Nv;
 }
@@ -213,12 +213,14 @@ inline void finish_score_row(acc_t* s, const acc_t* bias, int64_t N, int64_t Nv,
   for (int64_t c = hi; c < Nv; ++c) s[c] = neg_inf<acc_t>();
 }
 
-// s[c] = exp2(s[c] * mul - shift) over Nv elements.
+// s[c] = exp2(s[c] - (hi + lo)) over Nv elements: the shift in two parts, so
+// s - hi (near 0 where it matters) keeps the precision a single rounded shift
+// of ~100 would lose.
 template <typename acc_t>
-inline void exp2_shift(acc_t* s, int64_t Nv, acc_t mul, acc_t shift) {
+inline void exp2_shift(acc_t* s, int64_t Nv, acc_t hi, acc_t lo) {
   constexpr int64_t W = kLanes<acc_t>;
-  const Vec<acc_t> vm = vbroadcast(mul), vsh = vbroadcast(shift);
-  for (int64_t c = 0; c < Nv; c += W) vstore(s + c, vexp2(vload(s + c) * vm - vsh));
+  const Vec<acc_t> vhi = vbroadcast(hi), vlo = vbroadcast(lo);
+  for (int64_t c = 0; c < Nv; c += W) vstore(s + c, vexp2((vload(s + c) - vhi) - vlo));
 }
 
 // x[c] *= a over Nv elements
