@@ -167,8 +167,8 @@ struct BwdTile {
       }
       const int64_t lo = rb.begin(i0 + r) - j0, hi = rb.end(i0 + r) - j0;
       if (needs_finish(bias_tile != nullptr, lo, hi, Nv))
-        finish_score_row(srow, bias_tile ? bias_tile + r * BN : nullptr, N, Nv, acc_t(1), lo, hi);
-      // lse * log2 e as hi + lo (hi the nearest acc_t): s * mul - hi is then a small
+        finish_score_row(srow, bias_tile ? bias_tile + r * BN : nullptr, N, Nv, lo, hi);
+      // lse * log2 e as hi + lo (hi the nearest acc_t): s - hi is then a small
       // number, rounded at its own size, not at lse's
       const double shift = double(lse[r]) * kLog2e;
       const acc_t shift_hi = static_cast<acc_t>(shift);

@@ -139,8 +139,7 @@ struct FwdTile {
       const int64_t j = j0 + n;
       const int64_t lo = wr < 0 ? 0 : j - wr - i0;
       const int64_t hi = wl < 0 ? M : std::min(M, j + wl + 1 - i0);
-      finish_score_row(st.data() + n * BM, bias_tile ? bias_tile + n * BM : nullptr, M, Mv,
-                       acc_t(1), lo, hi);
+      finish_score_row(st.data() + n * BM, bias_tile ? bias_tile + n * BM : nullptr, M, Mv, lo, hi);
     }
   }
 

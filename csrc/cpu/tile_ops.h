@@ -183,29 +183,25 @@ inline bool load_mask_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0,
   return any;
 }
 
-// Scores are kept in base 2 (simd.h): a row's raw dot products s become
-// s * scale2 + bias * log2(e), scale2 = scale * log2(e).
+// Scores are kept in base 2 (simd.h): Q is pre-multiplied by scale2 = scale *
+// log2(e) before the GEMM (forward and backward alike, so both round the same
+// scores), and a mask adds bias * log2(e).
 //
 // Whether a row of the backward needs finish_score_row before its exp: when
-// a mask or the band cuts into the tile (its scores are already in base 2:
-// Q was pre-multiplied by scale2, as in the forward).
+// a mask or the band cuts into the tile.
 inline bool needs_finish(bool has_bias, int64_t lo, int64_t hi, int64_t Nv) {
   return has_bias || lo > 0 || hi < Nv;
 }
 
-// One row of scores: s = scale2 * s (+ log2(e) * bias), then -inf outside
-// [lo, hi) and in the pad columns [N, Nv) (Nv = N rounded up to whole
-// vectors), so that the softmax's vector loops see exp2(-inf) = 0 there.
+// One row of base-2 scores: s += log2(e) * bias (when there is a mask), then
+// -inf outside [lo, hi) and in the pad columns [N, Nv) (Nv = N rounded up to
+// whole vectors), so that the softmax's vector loops see exp2(-inf) = 0 there.
 template <typename acc_t>
-inline void finish_score_row(acc_t* s, const acc_t* bias, int64_t N, int64_t Nv, acc_t scale2,
-                             int64_t lo, int64_t hi) {
+inline void finish_score_row(acc_t* s, const acc_t* bias, int64_t N, int64_t Nv, int64_t lo, int64_t hi) {
   constexpr int64_t W = kLanes<acc_t>;
-  const Vec<acc_t> vs = vbroadcast(scale2);
   if (bias) {
     const Vec<acc_t> vl = vbroadcast(static_cast<acc_t>(kLog2e));
-    for (int64_t c = 0; c < Nv; c += W) vstore(s + c, vload(s + c) * vs + vload(bias + c) * vl);
-  } else {
-    for (int64_t c = 0; c < Nv; c += W) vstore(s + c, vload(s + c) * vs);
+    for (int64_t c = 0; c < Nv; c += W) vstore(s + c, vload(s + c) + vload(bias + c) * vl);
   }
   hi = std::max<int64_t>(0, std::min(hi, N));
   lo = std::min(lo, hi);
