@@ -130,18 +130,25 @@ bool panels_overlap(const int head_dim, const int head_dim_v) {
   return head_dim > last_panel && head_dim_v > last_panel;
 }
 
-// Launches the Hopper forward; *launched = false (and nothing done) when TMA
-// can't describe the tensors (or a box would lie outside them), so the caller runs the sm_80 kernel instead.
+// The TMA maps of q (boxes of Traits::kBlockM rows), k and v (kBlockN rows),
+// as both Hopper kernels read them; false where the kernels can't take these
+// tensors (TMA can't describe them, or a box would lie outside them).
+template <typename Traits>
+bool encode_qkv_maps(const FwdParams& p, CUtensorMap* q, CUtensorMap* k, CUtensorMap* v) {
+  const bool bf16 = std::is_same_v<typename Traits::T, __nv_bfloat16>;
+  return panels_overlap<Traits>(p.head_dim, p.head_dim_v) &&
+         encode_tile_map(q, p.q, bf16, p.batch, p.heads_q, p.seqlen_q, p.head_dim, p.q_strides, Traits::kBlockM) &&
+         encode_tile_map(k, p.k, bf16, p.batch, p.heads_kv, p.seqlen_k, p.head_dim, p.k_strides, Traits::kBlockN) &&
+         encode_tile_map(v, p.v, bf16, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, p.v_strides, Traits::kBlockN);
+}
+
+// Launches the Hopper forward; *launched = false (and nothing done) where it
+// can't take the tensors (encode_qkv_maps), so the caller runs the sm_80 kernel.
 template <typename Traits>
 cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream, bool* launched) {
   *launched = false;
-  const bool bf16 = std::is_same_v<typename Traits::T, __nv_bfloat16>;
   Sm90Maps maps;
-  if (!panels_overlap<Traits>(p.head_dim, p.head_dim_v) ||
-      !encode_tile_map(&maps.q, p.q, bf16, p.batch, p.heads_q, p.seqlen_q, p.head_dim, p.q_strides, Traits::kBlockM) ||
-      !encode_tile_map(&maps.k, p.k, bf16, p.batch, p.heads_kv, p.seqlen_k, p.head_dim, p.k_strides, Traits::kBlockN) ||
-      !encode_tile_map(&maps.v, p.v, bf16, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, p.v_strides, Traits::kBlockN))
-    return cudaSuccess;
+  if (!encode_qkv_maps<Traits>(p, &maps.q, &maps.k, &maps.v)) return cudaSuccess;
   *launched = true;
   return launch_fwd_kernel<Traits>(&flash_fwd_sm90_kernel<Traits>, p, maps, stream);
 }
@@ -234,19 +241,16 @@ cudaError_t launch_bwd(const BwdParams& p, bool aligned, cudaStream_t stream) {
 }
 
 // The Hopper backward's main kernel between the same delta and dQ steps;
-// *launched = false (and nothing done) when TMA can't describe the tensors
-// (or a box would lie outside them).
+// *launched = false (and nothing done) where it can't take the tensors
+// (encode_qkv_maps, and dO's map like q's).
 template <typename Traits>
 cudaError_t launch_bwd_sm90(const BwdParams& p, cudaStream_t stream, bool* launched) {
   *launched = false;
   const bool bf16 = std::is_same_v<typename Traits::T, __nv_bfloat16>;
   Sm90BwdMaps maps;
-  if (!panels_overlap<Traits>(p.head_dim, p.head_dim_v) ||
-      !encode_tile_map(&maps.q, p.q, bf16, p.batch, p.heads_q, p.seqlen_q, p.head_dim, p.q_strides, Traits::kBlockM) ||
+  if (!encode_qkv_maps<Traits>(p, &maps.q, &maps.k, &maps.v) ||
       !encode_tile_map(&maps.dout, p.dout, bf16, p.batch, p.heads_q, p.seqlen_q, p.head_dim_v, p.do_strides,
-                       Traits::kBlockM) ||
-      !encode_tile_map(&maps.k, p.k, bf16, p.batch, p.heads_kv, p.seqlen_k, p.head_dim, p.k_strides, Traits::kBlockN) ||
-      !encode_tile_map(&maps.v, p.v, bf16, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, p.v_strides, Traits::kBlockN))
+                       Traits::kBlockM))
     return cudaSuccess;
   *launched = true;
   return launch_bwd_steps<typename Traits::T>(

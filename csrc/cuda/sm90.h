@@ -1,8 +1,9 @@
 // Thin wrappers over the Hopper (sm_90a) PTX of the Hopper kernels
 // (flash_{fwd,bwd}_sm90_kernel.h): mbarriers, TMA tile loads, named barriers,
-// wgmma's fences and shared-memory matrix descriptors. Everything here is only ever executed in
-// code compiled for sm_90a (guarded by __CUDA_ARCH_FEAT_SM90_ALL); the
-// descriptor encoding is plain arithmetic, so host code can check it.
+// wgmma's fences and shared-memory matrix descriptors. Everything here is only
+// ever executed in code compiled for sm_90a (guarded by
+// __CUDA_ARCH_FEAT_SM90_ALL); the descriptor encoding is plain arithmetic, so
+// host code can check it.
 #pragma once
 
 #include <cstdint>
