@@ -121,6 +121,34 @@ def check_against_oracle(q, k, v, backend, grads=True, **kw):
     return out
 
 
+def assert_padding_never_read(attention, device, dtype, E, B=3, H=2, L=70, S=150,
+                              key_lengths=(150, 37, 90), query_lengths=(70, 5, 33)):
+    """Keys past key_lengths and queries past query_lengths are padding: whatever
+    memory holds there (NaN here, in q, k, v and the output's gradient) changes
+    nothing: out, lse and every gradient equal those of a run with finite
+    padding. attention(q, k, v, key_lengths=, query_lengths=) -> (out, lse),
+    called with tensors on ``device``."""
+    runs = []
+    for poison in (False, True):
+        q, k, v = make_qkv(B=B, Hq=H, L=L, S=S, E=E, dtype=dtype, requires_grad=False)
+        grad_out = torch.randn(B, H, L, E, generator=torch.Generator().manual_seed(4)).to(dtype)
+        if poison:
+            for b, (kl, ql) in enumerate(zip(key_lengths, query_lengths)):
+                k[b, :, kl:] = v[b, :, kl:] = float("nan")
+                q[b, :, ql:] = grad_out[b, :, ql:] = float("nan")
+        q, k, v, grad_out, kl_t, ql_t = on_device(device, q, k, v, grad_out, torch.tensor(key_lengths),
+                                                  torch.tensor(query_lengths))
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        out, lse = attention(q, k, v, key_lengths=kl_t, query_lengths=ql_t)
+        out.backward(grad_out)
+        runs.append([t.detach().cpu() for t in (out, lse, q.grad, k.grad, v.grad)])
+    for name, clean, poisoned in zip(("out", "lse", "dq", "dk", "dv"), *runs):
+        assert not poisoned.isnan().any(), f"{name}: the padding's NaN leaked in"
+        # the same up to the order of float atomic additions (the CUDA backward's dQ)
+        torch.testing.assert_close(poisoned, clean, msg=lambda m: f"{name}: {m}")
+
+
 def assert_bound(name, got, same_precision, oracle, dtype):
     err = (got.double() - oracle).abs().max().item() if got.numel() else 0.0
     err_pt = (same_precision.double() - oracle).abs().max().item() if got.numel() else 0.0

@@ -44,9 +44,9 @@ def compiled_variants() -> int:
     return _COMPILED_VARIANTS
 
 
-# The kernel head dims with a Hopper kernel (kernel_traits.h, FwdConfig/BwdConfig::Sm90).
+# The kernel head dims with Hopper kernels, forward and backward (kernel_traits.h,
+# FwdConfig/BwdConfig::Sm90).
 SM90_HEAD_DIMS = (64, 128)
-SM90_BWD_HEAD_DIMS = (64, 128)
 
 
 def sm90_kernels_compiled() -> bool:
