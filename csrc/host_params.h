@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 
+#include <torch/csrc/stable/device.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
@@ -40,6 +41,35 @@ inline void check_same(int64_t got, int64_t want, const char* name, int dim,
                        const char* what) {
   STD_TORCH_CHECK(got == want, "effattn: ", name, ".size(", dim, ") = ", got,
                   " but expected ", want, " (", what, ")");
+}
+
+inline std::string device_name(const torch::stable::Device& d) {
+  using torch::headeronly::DeviceType;
+  std::string name = d.type() == DeviceType::CPU    ? "cpu"
+                     : d.type() == DeviceType::CUDA ? "cuda"
+                     : d.type() == DeviceType::Meta ? "meta"
+                                                    : "device type " + std::to_string(int(d.type()));
+  return d.has_index() && d.type() != DeviceType::CPU ? name + ":" + std::to_string(int(d.index()))
+                                                       : name;
+}
+
+// Every tensor of a call lives where query does: the kernel for the call's
+// device reads them all through raw pointers (a host pointer in a CUDA kernel
+// would be an illegal address, not an error).
+inline void check_device(const Tensor& t, const char* name, const Tensor& q) {
+  STD_TORCH_CHECK(t.device() == q.device(), "effattn: ", name, " is on ", device_name(t.device()),
+                  " but query is on ", device_name(q.device()));
+}
+inline void check_device(const std::optional<Tensor>& t, const char* name, const Tensor& q) {
+  if (t.has_value()) check_device(*t, name, q);
+}
+
+// A (batch, heads_q, seqlen_q) per-row tensor of the forward (lse, grad_lse).
+inline void check_rows(const Tensor& t, const char* name, const FwdParams& p) {
+  STD_TORCH_CHECK(t.dim() == 3, "effattn: ", name, " must be 3-D (batch, heads, seq), got ", t.dim(),
+                  " dims");
+  const int64_t want[3] = {p.batch, p.heads_q, p.seqlen_q};
+  for (int d = 0; d < 3; ++d) check_same(t.size(d), want[d], name, d, "rows of the forward output");
 }
 
 // Outputs follow the layout of the input they mirror: dims 0..2 in the
@@ -96,6 +126,11 @@ inline FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor&
   check_attention_tensor(v, "value");
   STD_TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
                   "effattn: query, key and value must have the same dtype");
+  check_device(k, "key", q);
+  check_device(v, "value", q);
+  check_device(mask, "attn_mask", q);
+  check_device(key_lengths, "key_lengths", q);
+  check_device(query_lengths, "query_lengths", q);
   FwdParams p;
   p.batch = q.size(0);
   p.heads_q = q.size(1);
@@ -196,6 +231,10 @@ inline BwdCall make_bwd_call(const Tensor& grad_out, const std::optional<Tensor>
   const ScalarType acc = accum_dtype(q.scalar_type());
   check_attention_tensor(grad_out, "grad_out");
   check_attention_tensor(out, "out");
+  check_device(grad_out, "grad_out", q);
+  check_device(out, "out", q);
+  check_device(lse, "lse", q);
+  check_device(grad_lse, "grad_lse", q);
   const int64_t want[4] = {p.batch, p.heads_q, p.seqlen_q, p.head_dim_v};
   for (int d = 0; d < 4; ++d) {
     check_same(out.size(d), want[d], "out", d, "shape of the forward output");
@@ -203,7 +242,8 @@ inline BwdCall make_bwd_call(const Tensor& grad_out, const std::optional<Tensor>
   }
   STD_TORCH_CHECK(out.scalar_type() == q.scalar_type() && grad_out.scalar_type() == q.scalar_type(),
                   "effattn: out and grad_out must have the dtype of query");
-  STD_TORCH_CHECK(lse.scalar_type() == acc && lse.is_contiguous() && lse.dim() == 3,
+  check_rows(lse, "lse", p);
+  STD_TORCH_CHECK(lse.scalar_type() == acc && lse.is_contiguous(),
                   "effattn: lse must be the forward's contiguous (B, H, L) accumulator-type tensor");
   p.out = const_cast<void*>(out.const_data_ptr());  // read only in the backward
   p.lse = const_cast<void*>(lse.const_data_ptr());
@@ -216,6 +256,11 @@ inline BwdCall make_bwd_call(const Tensor& grad_out, const std::optional<Tensor>
                empty_in_layout_of(v, {p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v}, q.scalar_type()),
                std::nullopt};
   if (grad_lse.has_value()) {
+    check_rows(*grad_lse, "grad_lse", p);
+    const ScalarType t = grad_lse->scalar_type();
+    STD_TORCH_CHECK(t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::Half ||
+                        t == ScalarType::BFloat16,
+                    "effattn: grad_lse must have a floating-point dtype");
     call.dlse = torch::stable::contiguous(torch::stable::to(*grad_lse, acc));
     call.params.dlse = call.dlse->const_data_ptr();
   }

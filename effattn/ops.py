@@ -136,10 +136,80 @@ class EagerCaller:
             return self.fwd_op(*args)
 
 
+_FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fail(msg: str):
+    raise RuntimeError("effattn: " + msg)
+
+
+def check_op_args(q, k, v, mask, key_lengths, query_lengths, window, backward=None):
+    """The ops' contract on their tensors, as csrc/host_params.h checks it for effattn::fwd
+    and effattn::bwd: for their fake kernels (torch.compile tracing, meta tensors) and for
+    the Triton ops, whose kernels would otherwise read out of bounds. effattn.attention
+    establishes it (effattn/spec.py); these checks are for direct calls of the ops.
+    ``window``: (left, right); ``backward``: dict of grad_out, grad_lse, out, lse.
+    Raises RuntimeError."""
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if t.dim() != 4:
+            _fail(f"{name} must be 4-D (batch, heads, seq, dim), got {t.dim()} dims")
+        if t.shape[3] > 1 and t.stride(3) != 1:
+            _fail(f"{name} must have a contiguous last dimension (stride 1), got stride {t.stride(3)}")
+    if not k.dtype == v.dtype == q.dtype:
+        _fail("query, key and value must have the same dtype")
+    B, H, L, E = q.shape
+    HKV, S = k.shape[1], k.shape[2]
+    for name, t, dim, want, what in (("key", k, 0, B, "batch of query"), ("value", v, 0, B, "batch of query"),
+                                     ("value", v, 1, HKV, "heads of key"),
+                                     ("value", v, 2, S, "sequence length of key"),
+                                     ("key", k, 3, E, "head dim of query")):
+        if t.shape[dim] != want:
+            _fail(f"{name}.size({dim}) = {t.shape[dim]} but expected {want} ({what})")
+    if HKV == 0 or H % HKV:
+        _fail(f"query heads ({H}) must be a multiple of key/value heads ({HKV})")
+    if min(window) < -1:
+        _fail("window sizes must be >= 0, or -1 for unbounded")
+    named = {"key": k, "value": v, "attn_mask": mask, "key_lengths": key_lengths, "query_lengths": query_lengths}
+    if mask is not None:
+        if mask.dim() != 4 or tuple(mask.shape) != (B, H, L, S):
+            _fail(f"attn_mask must be a 4-D broadcast view of ({B}, {H}, {L}, {S}) here, "
+                  f"got {tuple(mask.shape)}")
+        if mask.dtype not in (torch.bool, torch.float32, q.dtype):
+            _fail("attn_mask must be bool, float32 or the dtype of query")
+    for name, t in (("key_lengths", key_lengths), ("query_lengths", query_lengths)):
+        if t is not None and (t.dtype != torch.int64 or tuple(t.shape) != (B,)):
+            _fail(f"{name} must be int64 of shape ({B},) here (effattn.attention converts it), "
+                  f"got {t.dtype} of shape {tuple(t.shape)}")
+    if backward is not None:
+        rows = (B, H, L)
+        for name, t, want in (("out", backward["out"], rows + (v.shape[3],)),
+                              ("grad_out", backward["grad_out"], rows + (v.shape[3],)),
+                              ("lse", backward["lse"], rows), ("grad_lse", backward["grad_lse"], rows)):
+            if t is None:
+                continue
+            if tuple(t.shape) != want:
+                _fail(f"{name} must have shape {want} (that of the forward's), got {tuple(t.shape)}")
+            named[name] = t
+        out, grad_out, lse, grad_lse = (backward[n] for n in ("out", "grad_out", "lse", "grad_lse"))
+        for name, t in (("out", out), ("grad_out", grad_out)):
+            if t.dtype != q.dtype:
+                _fail(f"{name} must have the dtype of query, {q.dtype}, got {t.dtype}")
+            if t.shape[3] > 1 and t.stride(3) != 1:
+                _fail(f"{name} must have a contiguous last dimension (stride 1), got stride {t.stride(3)}")
+        if lse.dtype != accum_dtype(q.dtype) or not lse.is_contiguous():
+            _fail(f"lse must be the forward's contiguous {accum_dtype(q.dtype)} tensor")
+        if grad_lse is not None and grad_lse.dtype not in _FLOATING:
+            _fail(f"grad_lse must have a floating-point dtype, got {grad_lse.dtype}")
+    for name, t in named.items():
+        if t is not None and t.device != q.device:
+            _fail(f"{name} is on {t.device} but query is on {q.device}")
+
+
 if LOAD_ERROR is None:
 
     @torch.library.register_fake("effattn::fwd")
     def _fwd_fake(q, k, v, mask, key_lengths, query_lengths, scale, is_causal, window_left, window_right):
+        check_op_args(q, k, v, mask, key_lengths, query_lengths, (window_left, window_right))
         B, H, L, _ = q.shape
         out = empty_in_layout_of(q, (B, H, L, v.shape[3]), q.dtype)
         lse = q.new_empty((B, H, L), dtype=accum_dtype(q.dtype))
@@ -148,6 +218,8 @@ if LOAD_ERROR is None:
     @torch.library.register_fake("effattn::bwd")
     def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, mask, key_lengths, query_lengths, scale,
                   is_causal, window_left, window_right):
+        check_op_args(q, k, v, mask, key_lengths, query_lengths, (window_left, window_right),
+                      dict(grad_out=grad_out, grad_lse=grad_lse, out=out, lse=lse))
         return (empty_in_layout_of(q, q.shape, q.dtype), empty_in_layout_of(k, k.shape, k.dtype),
                 empty_in_layout_of(v, v.shape, v.dtype))
 

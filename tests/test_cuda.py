@@ -395,3 +395,19 @@ def test_sm90_backward_padding_may_hold_nan(fwd_kernel, D, dtype, monkeypatch):
     assert_padding_never_read(lambda q, k, v, **kw: cuda_attention(q, k, v, return_lse=True, **kw), "cuda", dtype,
                               E=D, S=300, key_lengths=(150, 37, 300))
 
+
+
+def test_raw_ops_reject_tensors_on_another_device():
+    # Each would reach the CUDA kernels as a host pointer (an illegal address, which
+    # poisons the CUDA context) without the check in csrc/host_params.h.
+    q, k, v = make_inputs(L=16, S=16)
+    lengths = torch.tensor([16, 5])
+    with pytest.raises(RuntimeError, match=r"key_lengths is on cpu but query is on cuda:0"):
+        torch.ops.effattn.fwd(q, k, v, None, lengths, None, 0.125, False, -1, -1)
+    with pytest.raises(RuntimeError, match=r"value is on cpu but query is on cuda:0"):
+        torch.ops.effattn.fwd(q, k, v.detach().cpu(), None, None, None, 0.125, False, -1, -1)
+    out, lse = torch.ops.effattn.fwd(q, k, v, None, None, None, 0.125, False, -1, -1)
+    with pytest.raises(RuntimeError, match=r"lse is on cpu but query is on cuda:0"):
+        torch.ops.effattn.bwd(torch.ones_like(out), None, q, k, v, out, lse.cpu(), None, None, None, 0.125,
+                              False, -1, -1)
+    torch.cuda.synchronize()  # the context is still usable

@@ -71,3 +71,51 @@ def test_raw_op_checks_lengths_too():
     with pytest.raises(RuntimeError, match=r"contiguous last dimension"):
         torch.ops.effattn.fwd(q.transpose(-1, -2).contiguous().transpose(-1, -2).contiguous().transpose(2, 3),
                               k, v, None, None, None, 0.25, False, -1, -1)
+
+
+def _raw_ops(family):
+    """(fwd, bwd) taking the C++ ops' arguments: effattn::fwd/bwd, or the Triton ops
+    (which take no is_causal, and a float32-precision flag)."""
+    if family == "cpp":
+        return torch.ops.effattn.fwd, torch.ops.effattn.bwd
+    pytest.importorskip("triton")
+    from effattn.triton import ops as triton_ops  # noqa: F401 (registers the ops)
+    return (lambda *a: torch.ops.effattn.triton_fwd(*a[:7], *a[8:], False),
+            lambda *a: torch.ops.effattn.triton_bwd(*a[:11], *a[12:], False))
+
+
+def _raw_backward_args(**change):
+    out, lse = torch.ops.effattn.fwd(q, k, v, None, None, None, 0.25, False, -1, -1)
+    args = dict(grad_out=torch.randn_like(out), grad_lse=None, q=q, k=k, v=v, out=out, lse=lse, mask=None,
+                key_lengths=None, query_lengths=None, scale=0.25, is_causal=False, window_left=-1,
+                window_right=-1)
+    args.update(change)
+    return list(args.values())
+
+
+@pytest.mark.parametrize("family", ["cpp", "triton"])
+@pytest.mark.parametrize("change,pattern", [
+    # a wrong-sized lse or grad_lse was read out of bounds (a crash at size 0)
+    (dict(lse=torch.zeros(2, 4, 7)), r"lse"),
+    (dict(lse=torch.zeros(0, 4, 8)), r"lse"),
+    (dict(lse=torch.zeros(2, 4, 8, 1)), r"lse"),
+    (dict(grad_lse=torch.zeros(2, 3, 8)), r"grad_lse"),
+    (dict(grad_lse=torch.zeros(2, 4, 8, dtype=torch.int32)), r"grad_lse must have a floating-point dtype"),
+    (dict(grad_out=torch.zeros(2, 4, 8, 15)), r"grad_out"),
+    (dict(window_left=-2), r"window sizes must be >= 0, or -1"),
+], ids=["lse length", "lse batch", "lse rank", "grad_lse heads", "grad_lse dtype", "grad_out dim", "window"])
+def test_raw_backward_checks_its_tensors(family, change, pattern):
+    with pytest.raises(RuntimeError, match=pattern):
+        _raw_ops(family)[1](*_raw_backward_args(**change))
+
+
+@pytest.mark.parametrize("family", ["cpp", "triton"])
+def test_raw_ops_check_devices(family):
+    # A meta tensor among CPU ones reaches the fake kernels (effattn/ops.py) or the Triton
+    # op's check; a CPU one among CUDA ones the C++ check (tests/test_cuda.py).
+    fwd, bwd = _raw_ops(family)
+    meta = torch.empty(2, dtype=torch.int64, device="meta")
+    with pytest.raises(RuntimeError, match=r"key_lengths is on meta but query is on cpu"):
+        fwd(q, k, v, None, meta, None, 0.25, False, -1, -1)
+    with pytest.raises(RuntimeError, match=r"lse is on meta but query is on cpu"):
+        bwd(*_raw_backward_args(lse=torch.empty(2, 4, 8, device="meta")))

@@ -54,9 +54,11 @@ std::tuple<Tensor, Tensor> fwd_cuda(Tensor q, Tensor k, Tensor v, std::optional<
                                     double scale, bool is_causal, int64_t window_left,
                                     int64_t window_right) {
   const cuda::DType dtype = kernel_dtype(q);
-  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  // Checked first: a call that reached the CUDA kernel because some other tensor is on a GPU
+  // gets an error naming it, before a guard or a stream is taken for q's device.
   FwdCall call = make_fwd_call(q, k, v, mask, key_lengths, query_lengths, scale, is_causal, window_left,
                                window_right);
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   check_launchable(call.params);
   const bool aligned = rows_aligned(q) && rows_aligned(k) && rows_aligned(v);
   const char* err = cuda::run_fwd(call.params, dtype, aligned, current_stream(q));
@@ -70,9 +72,9 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(Tensor grad_out, std::optional<Tenso
                                             std::optional<Tensor> query_lengths, double scale,
                                             bool is_causal, int64_t window_left, int64_t window_right) {
   const cuda::DType dtype = kernel_dtype(q);
-  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   BwdCall call = make_bwd_call(grad_out, grad_lse, q, k, v, out, lse, mask, key_lengths, query_lengths,
-                               scale, is_causal, window_left, window_right);
+                               scale, is_causal, window_left, window_right);  // checked first, as above
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   BwdParams& p = call.params;
   check_launchable(p);
   // Scratch, O(B * H * L): delta and the lse in log2 units (2, B, H, L), and

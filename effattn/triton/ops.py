@@ -22,7 +22,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from ..ops import EagerCaller, empty_in_layout_of, not_differentiable_autograd, recompute_autograd
+from ..ops import (EagerCaller, check_op_args, empty_in_layout_of, not_differentiable_autograd,
+                   recompute_autograd)
 from . import configs
 from .backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .forward import attn_fwd_kernel, merge_splits_kernel
@@ -68,7 +69,8 @@ def _num_splits(n_programs: int, S: int, device: torch.device) -> int:
 
 
 def _common(q: Tensor, k: Tensor, v: Tensor, window_left: int, window_right: int,
-            key_lengths, query_lengths, mask):
+            key_lengths, query_lengths, mask, backward=None):
+    check_op_args(q, k, v, mask, key_lengths, query_lengths, (window_left, window_right), backward)
     B, H, L, E = q.shape
     HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
     mask_t, mask_kind, mstr = _mask_args(mask, q.dtype)
@@ -180,7 +182,8 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
                query_lengths: Optional[Tensor], scale: float, window_left: int, window_right: int,
                fp32_ieee: bool) -> Tuple[Tensor, Tensor, Tensor]:
     B, H, HKV, L, S, E, EV, mstr, meta, (mask_t, klen, qlen) = _common(
-        q, k, v, window_left, window_right, key_lengths, query_lengths, mask)
+        q, k, v, window_left, window_right, key_lengths, query_lengths, mask,
+        dict(grad_out=grad_out, grad_lse=grad_lse, out=out, lse=lse))
     window_left, window_right = _window(window_left), _window(window_right)
     dq = empty_in_layout_of(q, (B, H, L, E), q.dtype)
     dk = empty_in_layout_of(k, (B, HKV, S, E), k.dtype)
