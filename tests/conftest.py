@@ -87,13 +87,14 @@ def on_device(device, *tensors):
     return out if len(out) != 1 else out[0]
 
 
-def check_against_oracle(q, k, v, backend, grads=True, **kw):
+def check_against_oracle(q, k, v, backend, grads=True, floor=True, **kw):
     """effattn.attention(backend) vs the float64 oracle, forward and gradients.
 
     Inputs are made on the CPU; when ``backend`` (a BackendCase) runs on
     another device, the call runs there on copies and the oracle on the CPU.
     Bound: error <= 2 x (error of the same-precision reference math) + a
-    rounding floor, as in the project's standards. Returns the outputs (on the CPU).
+    rounding floor, as in the project's standards (floor=False: without it, where the
+    math's own error is well above rounding). Returns the outputs (on the CPU).
     """
     dtype = q.dtype
     device = getattr(backend, "device", "cpu")
@@ -108,7 +109,7 @@ def check_against_oracle(q, k, v, backend, grads=True, **kw):
 
     assert out.dtype == dtype and out.shape == out_ref.shape
     assert torch.isfinite(out).all(), "non-finite output"
-    assert_bound("out", out, out_pt, out_ref, dtype)
+    assert_bound("out", out, out_pt, out_ref, dtype, floor)
     if not grads:
         return out
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -117,7 +118,7 @@ def check_against_oracle(q, k, v, backend, grads=True, **kw):
     effattn.attention(qd, kd, vd, backend=str(backend), **kwd).backward(g.to(device))
     for name, t, tp, t64 in (("dq", qd, qp, q64), ("dk", kd, kp, k64), ("dv", vd, vp, v64)):
         assert t.grad is not None and torch.isfinite(t.grad).all(), f"{name}: missing or non-finite"
-        assert_bound(name, t.grad.cpu(), tp.grad, t64.grad, dtype)
+        assert_bound(name, t.grad.cpu(), tp.grad, t64.grad, dtype, floor)
     return out
 
 
@@ -149,11 +150,11 @@ def assert_padding_never_read(attention, device, dtype, E, B=3, H=2, L=70, S=150
         torch.testing.assert_close(poisoned, clean, msg=lambda m: f"{name}: {m}")
 
 
-def assert_bound(name, got, same_precision, oracle, dtype):
+def assert_bound(name, got, same_precision, oracle, dtype, floor=True):
     err = (got.double() - oracle).abs().max().item() if got.numel() else 0.0
     err_pt = (same_precision.double() - oracle).abs().max().item() if got.numel() else 0.0
     scale = max(1.0, oracle.abs().max().item()) if got.numel() else 1.0
-    floor = _floor(dtype)
+    floor = _floor(dtype) if floor else 0.0
     if name != "out" and dtype == torch.float32:
         # A float32 gradient sums O(L) terms, each carrying dP - delta, a difference
         # whose rounding depends on the summation order (a tensor-core MMA's for dP,
