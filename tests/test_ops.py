@@ -120,6 +120,31 @@ def test_compile_walks_every_backend_without_graph_breaks():
     torch.testing.assert_close(compiled, eager)
 
 
+def test_compile_dispatch_for_cuda_tensors_without_graph_breaks():
+    """The dispatcher's CUDA-only checks (compute capability, compiled head dims,
+    determinism) traced by dynamo on this machine: tests/dispatch_as_cuda.py, in a
+    child process, makes the spec report cuda:0 and the driver answer as an H100
+    would, with the driver queries opaque (a graph break unless effattn makes them
+    constants). The GPU's own compile test is in test_triton.py."""
+    import json
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    script = os.path.join(os.path.dirname(__file__), "dispatch_as_cuda.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the GPU's backend list
+    run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    expected = {"auto": ("triton", "cuda"), "auto, deterministic": ("triton",), "cuda": ("cuda",),
+                "triton": ("triton",), "walk to the reference": ("reference",)}
+    for case, want in expected.items():
+        got = results[case]
+        if case == "cuda" and "unavailable" in got and "without its CUDA kernels" in got["unavailable"]:
+            continue  # an EFFATTN_CPU_ONLY build
+        assert got.get("picked") in want, (case, got)
+        assert got["graph_breaks"] == 0, (case, got["reasons"])
+
+
 def test_backends_report():
     rep = effattn.backends()
     assert rep["cpu"] == [] and rep["reference"] == []
