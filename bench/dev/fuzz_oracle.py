@@ -15,7 +15,12 @@ exceed the absolute floor (as FlashAttention's would); float32 gradients of the
 interpreted Triton backward at scale 2 are 3-5x math's, because numpy's matmul
 rounds Q K^T and K Q^T differently (25-40% of entries), so the backward's
 scores do not match the forward's lse. A GPU's dot should add the same
-products in the same order either way: not verified on a GPU.
+products in the same order either way: not verified on a GPU. At L = 1 and
+scale 2 in float32 the CPU forward's error is about 2x math's (mean absolute
+error over 40 seeds 4.7e-7 against 2.0e-7), now and then over the bound:
+PyTorch's (1, E) x (E, S) product takes a more accurate matrix-vector path,
+while at L = 64 both are at 4.9e-7 (the kernel's K Q^T sums each score in
+order over E, as a GEMM micro-kernel does).
 """
 import os
 import random
