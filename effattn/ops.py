@@ -182,13 +182,19 @@ def check_op_args(q, k, v, mask, key_lengths, query_lengths, window, backward=No
                   f"got {t.dtype} of shape {tuple(t.shape)}")
     if backward is not None:
         rows = (B, H, L)
-        for name, t, want in (("out", backward["out"], rows + (v.shape[3],)),
-                              ("grad_out", backward["grad_out"], rows + (v.shape[3],)),
-                              ("lse", backward["lse"], rows), ("grad_lse", backward["grad_lse"], rows)):
+        for name, t, want, what in (("out", backward["out"], rows + (v.shape[3],), "shape of the forward output"),
+                                    ("grad_out", backward["grad_out"], rows + (v.shape[3],),
+                                     "shape of the forward output"),
+                                    ("lse", backward["lse"], rows, "rows of the forward output"),
+                                    ("grad_lse", backward["grad_lse"], rows, "rows of the forward output")):
             if t is None:
                 continue
-            if tuple(t.shape) != want:
-                _fail(f"{name} must have shape {want} (that of the forward's), got {tuple(t.shape)}")
+            if t.dim() != len(want):
+                _fail(f"{name} must be {len(want)}-D (batch, heads, seq{', dim' if len(want) == 4 else ''}), "
+                      f"got {t.dim()} dims")
+            for dim, (got, expected) in enumerate(zip(t.shape, want)):
+                if got != expected:
+                    _fail(f"{name}.size({dim}) = {got} but expected {expected} ({what})")
             named[name] = t
         out, grad_out, lse, grad_lse = (backward[n] for n in ("out", "grad_out", "lse", "grad_lse"))
         for name, t in (("out", out), ("grad_out", grad_out)):

@@ -396,7 +396,6 @@ def test_sm90_backward_padding_may_hold_nan(fwd_kernel, D, dtype, monkeypatch):
                               E=D, S=300, key_lengths=(150, 37, 300))
 
 
-
 def test_raw_ops_reject_tensors_on_another_device():
     # Each would reach the CUDA kernels as a host pointer (an illegal address, which
     # poisons the CUDA context) without the check in csrc/host_params.h.

@@ -96,12 +96,12 @@ def _raw_backward_args(**change):
 @pytest.mark.parametrize("family", ["cpp", "triton"])
 @pytest.mark.parametrize("change,pattern", [
     # a wrong-sized lse or grad_lse was read out of bounds (a crash at size 0)
-    (dict(lse=torch.zeros(2, 4, 7)), r"lse"),
-    (dict(lse=torch.zeros(0, 4, 8)), r"lse"),
-    (dict(lse=torch.zeros(2, 4, 8, 1)), r"lse"),
-    (dict(grad_lse=torch.zeros(2, 3, 8)), r"grad_lse"),
+    (dict(lse=torch.zeros(2, 4, 7)), r"lse\.size\(2\) = 7 but expected 8"),
+    (dict(lse=torch.zeros(0, 4, 8)), r"lse\.size\(0\) = 0 but expected 2"),
+    (dict(lse=torch.zeros(2, 4, 8, 1)), r"lse must be 3-D \(batch, heads, seq\), got 4 dims"),
+    (dict(grad_lse=torch.zeros(2, 3, 8)), r"grad_lse\.size\(1\) = 3 but expected 4"),
     (dict(grad_lse=torch.zeros(2, 4, 8, dtype=torch.int32)), r"grad_lse must have a floating-point dtype"),
-    (dict(grad_out=torch.zeros(2, 4, 8, 15)), r"grad_out"),
+    (dict(grad_out=torch.zeros(2, 4, 8, 15)), r"grad_out\.size\(3\) = 15 but expected 16"),
     (dict(window_left=-2), r"window sizes must be >= 0, or -1"),
 ], ids=["lse length", "lse batch", "lse rank", "grad_lse heads", "grad_lse dtype", "grad_out dim", "window"])
 def test_raw_backward_checks_its_tensors(family, change, pattern):
