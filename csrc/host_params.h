@@ -32,7 +32,9 @@ inline ScalarType accum_dtype(ScalarType t) {
 inline void check_attention_tensor(const Tensor& t, const char* name) {
   STD_TORCH_CHECK(t.dim() == 4, "effattn: ", name,
                   " must be 4-D (batch, heads, seq, dim), got ", t.dim(), " dims");
-  STD_TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "effattn: ", name,
+  // (an empty tensor is never read: any strides, e.g. the all-zero ones of the
+  // gradient of out.sum() for an empty out)
+  STD_TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1 || t.numel() == 0, "effattn: ", name,
                   " must have a contiguous last dimension (stride 1), got stride ",
                   t.stride(3));
 }

@@ -153,7 +153,7 @@ def check_op_args(q, k, v, mask, key_lengths, query_lengths, window, backward=No
     for name, t in (("query", q), ("key", k), ("value", v)):
         if t.dim() != 4:
             _fail(f"{name} must be 4-D (batch, heads, seq, dim), got {t.dim()} dims")
-        if t.shape[3] > 1 and t.stride(3) != 1:
+        if t.shape[3] > 1 and t.stride(3) != 1 and t.numel():  # (an empty tensor is never read)
             _fail(f"{name} must have a contiguous last dimension (stride 1), got stride {t.stride(3)}")
     if not k.dtype == v.dtype == q.dtype:
         _fail("query, key and value must have the same dtype")
@@ -200,7 +200,7 @@ def check_op_args(q, k, v, mask, key_lengths, query_lengths, window, backward=No
         for name, t in (("out", out), ("grad_out", grad_out)):
             if t.dtype != q.dtype:
                 _fail(f"{name} must have the dtype of query, {q.dtype}, got {t.dtype}")
-            if t.shape[3] > 1 and t.stride(3) != 1:
+            if t.shape[3] > 1 and t.stride(3) != 1 and t.numel():
                 _fail(f"{name} must have a contiguous last dimension (stride 1), got stride {t.stride(3)}")
         if lse.dtype != accum_dtype(q.dtype) or not lse.is_contiguous():
             _fail(f"lse must be the forward's contiguous {accum_dtype(q.dtype)} tensor")

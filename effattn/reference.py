@@ -46,7 +46,7 @@ def reference_forward(spec: AttentionSpec, compute_dtype: Optional[torch.dtype] 
     dt = compute_dtype or spec.dtype
     q, k, v = spec.q.to(dt), spec.k.to(dt), spec.v.to(dt)
     group = spec.heads_q // spec.heads_kv
-    if group > 1:
+    if group != 1:  # (0 when there are no query heads: no keys either)
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
     scores = torch.matmul(q, k.transpose(-2, -1)) * spec.scale

@@ -215,12 +215,21 @@ def test_key_value_batch_broadcast(backend):
     check_against_oracle(q, k, v, backend)
 
 
-def test_empty_sequences(backend):
-    q, k, v = make_qkv(B=2, Hq=2, L=0, S=10, E=16)
-    assert _call(backend, q, k, v).shape == (2, 2, 0, 16)
-    q, k, v = make_qkv(B=2, Hq=2, L=10, S=0, E=16)
-    out = _call(backend, q, k, v)
-    assert out.shape == (2, 2, 10, 16) and (out == 0).all()
+@pytest.mark.parametrize("Hq,Hkv,L,S", [(2, 2, 0, 10), (2, 2, 10, 0), (0, 2, 10, 10)],
+                         ids=["no queries", "no keys", "no query heads"])
+def test_empty_sequences(backend, Hq, Hkv, L, S):
+    """Forward and backward. The gradient of an empty out.sum() has all-zero strides
+    (the ops took that for a non-contiguous last dim); nothing attends, so every
+    gradient is zero."""
+    q, k, v = make_qkv(B=2, Hq=Hq, Hkv=Hkv, L=L, S=S, E=16)
+    kw = dict(enable_gqa=Hq != Hkv)
+    skip_unless_served(backend, q, k, v, **kw)
+    q, k, v = on_device(backend.device, q, k, v)
+    out = effattn.attention(q, k, v, backend=str(backend), **kw)
+    assert out.shape == (2, Hq, L, 16) and (out == 0).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and (t.grad == 0).all()
 
 
 def test_strided_inputs_are_not_copied_and_outputs_follow_layout():
