@@ -267,7 +267,7 @@ cudaError_t launch_bwd_for_device(const BwdParams& p, bool aligned, cudaStream_t
   using Large = typename Config::Large;
   using Small = typename Config::Small;
   if constexpr (HasSm90<Config>::value) {  // the Hopper backward where EFFATTN_CUDA_SM90_BWD asks for it
-    if (p.batch > 0 && p.heads_kv > 0 && p.seqlen_k > 0 && p.seqlen_q > 0) {
+    if (p.batch > 0 && p.heads_q > 0 && p.heads_kv > 0 && p.seqlen_k > 0 && p.seqlen_q > 0) {
       bool handled = false;
       const cudaError_t err = maybe_sm90(
           "EFFATTN_CUDA_SM90_BWD",
