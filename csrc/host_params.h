@@ -146,7 +146,8 @@ inline FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor&
   check_same(v.size(1), p.heads_kv, "value", 1, "heads of key");
   check_same(v.size(2), p.seqlen_k, "value", 2, "sequence length of key");
   check_same(k.size(3), p.head_dim, "key", 3, "head dim of query");
-  STD_TORCH_CHECK(p.heads_kv > 0 && p.heads_q % p.heads_kv == 0,
+  // (no heads at all is an empty call, as no queries is)
+  STD_TORCH_CHECK(p.heads_kv > 0 ? p.heads_q % p.heads_kv == 0 : p.heads_q == 0,
                   "effattn: query heads (", p.heads_q,
                   ") must be a multiple of key/value heads (", p.heads_kv, ")");
   STD_TORCH_CHECK(window_left >= kUnbounded && window_right >= kUnbounded,

@@ -58,7 +58,7 @@ struct FwdParams {
   int64_t window_left = kUnbounded;
   int64_t window_right = kUnbounded;
 
-  int64_t group_size() const { return heads_q / heads_kv; }
+  int64_t group_size() const { return heads_kv > 0 ? heads_q / heads_kv : 0; }
 };
 
 struct BwdParams : FwdParams {

@@ -165,7 +165,7 @@ def check_op_args(q, k, v, mask, key_lengths, query_lengths, window, backward=No
                                      ("key", k, 3, E, "head dim of query")):
         if t.shape[dim] != want:
             _fail(f"{name}.size({dim}) = {t.shape[dim]} but expected {want} ({what})")
-    if HKV == 0 or H % HKV:
+    if (H % HKV if HKV else H):  # (no heads at all is an empty call)
         _fail(f"query heads ({H}) must be a multiple of key/value heads ({HKV})")
     if min(window) < -1:
         _fail("window sizes must be >= 0, or -1 for unbounded")

@@ -45,7 +45,7 @@ def reference_forward(spec: AttentionSpec, compute_dtype: Optional[torch.dtype] 
     """
     dt = compute_dtype or spec.dtype
     q, k, v = spec.q.to(dt), spec.k.to(dt), spec.v.to(dt)
-    group = spec.heads_q // spec.heads_kv
+    group = spec.heads_q // spec.heads_kv if spec.heads_kv else 0
     if group != 1:  # (0 when there are no query heads: no keys either)
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)

@@ -197,7 +197,7 @@ def make_spec(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
         if Hk != Hv:
             _fail(f"key.size(-3) = {Hk} and value.size(-3) = {Hv} must be equal (the key/value heads)")
         if enable_gqa:
-            if Hk == 0 or Hq % Hk != 0:
+            if (Hq % Hk if Hk else Hq):  # (no heads at all is an empty call)
                 _fail(f"with enable_gqa, query heads (query.size(-3) = {Hq}) must be a multiple of "
                       f"key/value heads (key.size(-3) = {Hk})")
         elif Hk != Hq:

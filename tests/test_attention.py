@@ -215,8 +215,8 @@ def test_key_value_batch_broadcast(backend):
     check_against_oracle(q, k, v, backend)
 
 
-@pytest.mark.parametrize("Hq,Hkv,L,S", [(2, 2, 0, 10), (2, 2, 10, 0), (0, 2, 10, 10)],
-                         ids=["no queries", "no keys", "no query heads"])
+@pytest.mark.parametrize("Hq,Hkv,L,S", [(2, 2, 0, 10), (2, 2, 10, 0), (0, 2, 10, 10), (0, 0, 10, 10)],
+                         ids=["no queries", "no keys", "no query heads", "no heads"])
 def test_empty_sequences(backend, Hq, Hkv, L, S):
     """Forward and backward. The gradient of an empty out.sum() has all-zero strides
     (the ops took that for a non-contiguous last dim); nothing attends, so every
