@@ -399,7 +399,7 @@ def test_sm90_backward_padding_may_hold_nan(fwd_kernel, D, dtype, monkeypatch):
 def test_raw_ops_reject_tensors_on_another_device():
     # Each would reach the CUDA kernels as a host pointer (an illegal address, which
     # poisons the CUDA context) without the check in csrc/host_params.h.
-    q, k, v = make_inputs(L=16, S=16)
+    (q, k, v), _ = make_inputs(L=16, S=16)
     lengths = torch.tensor([16, 5])
     with pytest.raises(RuntimeError, match=r"key_lengths is on cpu but query is on cuda:0"):
         torch.ops.effattn.fwd(q, k, v, None, lengths, None, 0.125, False, -1, -1)
