@@ -208,24 +208,70 @@ def test_float32_gradients_at_large_logits():
 
 
 @needs_gpu
-def test_torch_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_fullgraph_forward_and_backward(dynamic):
+    """Compiled (inductor, autotuned launches) equals eager, forward bitwise and
+    gradients to rounding; with dynamic shapes two lengths share one graph."""
     torch._dynamo.reset()
-    q, k, v = on_device("cuda", *make_qkv(B=2, Hq=4, Hkv=2, L=300, S=260, E=64, dtype=torch.bfloat16))
-    lengths = torch.tensor([260, 100], device="cuda")
 
-    def f(q, k, v):
+    def f(q, k, v, lengths):
         return effattn.attention(q, k, v, is_causal=True, enable_gqa=True, key_lengths=lengths)
 
-    eager = f(q, k, v)
-    eager.float().square().sum().backward()
-    grads = [t.grad.clone() for t in (q, k, v)]
-    for t in (q, k, v):
-        t.grad = None
-    compiled = torch.compile(f, fullgraph=True)(q, k, v)
-    compiled.float().square().sum().backward()
-    torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
-    for g, t in zip(grads, (q, k, v)):
-        torch.testing.assert_close(t.grad, g, atol=1e-2, rtol=1e-2)
+    compiled_f = torch.compile(f, fullgraph=True, dynamic=dynamic)
+    for step, (L, S) in enumerate(((300, 260), (333, 410)) if dynamic else ((300, 260),)):
+        if step:  # the second length must reuse the first graph
+            compiled_f = torch.compiler.set_stance("fail_on_recompile")(compiled_f)
+        q, k, v = on_device("cuda", *make_qkv(B=2, Hq=4, Hkv=2, L=L, S=S, E=64, dtype=torch.bfloat16))
+        lengths = torch.tensor([S, 100], device="cuda")
+        eager = f(q, k, v, lengths)
+        eager.float().square().sum().backward()
+        grads = [t.grad.clone() for t in (q, k, v)]
+        for t in (q, k, v):
+            t.grad = None
+        compiled = compiled_f(q, k, v, lengths)
+        compiled.float().square().sum().backward()
+        torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
+        for g, t in zip(grads, (q, k, v)):
+            torch.testing.assert_close(t.grad, g, atol=1e-2, rtol=1e-2)
+
+
+# The tensors each kernel writes, as torch.compile must find them in its IR (else it
+# assumes every argument is written, and copies q, k and v before the launch).
+KERNEL_WRITES = {"attn_fwd_kernel": ["LSE", "O"], "merge_splits_kernel": ["LSE", "O"],
+                 "bwd_preprocess_kernel": ["DELTA", "LSE2"], "bwd_dkdv_kernel": ["DK", "DV"],
+                 "bwd_dq_kernel": ["DQ"]}
+
+
+@pytest.mark.skipif(GPU, reason="on a GPU test_torch_compile_fullgraph_forward_and_backward compiles and runs "
+                                "the kernels for real")
+def test_compile_traces_the_kernels_and_its_graphs_run_interpreted():
+    """torch.compile(effattn.attention, fullgraph=True) on the Triton backend without a
+    GPU: tests/triton_compiled_on_cpu.py, in a child process, traces the real
+    @triton.jit kernels into the graphs (a stub driver answers torch's IR analysis
+    as sm_90), then runs the compiled graphs with each kernel interpreted, against
+    the float64 oracle: causal, GQA, lengths, masks, window, a strided layout,
+    split keys, gradients through the LSE, and dynamic shapes (two lengths, one
+    graph). Eager launches fail in that process, so no case passes by falling back.
+    Inductor's code generation is left to the GPU test."""
+    import json
+    import os
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "triton_compiled_on_cpu.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(results) == 6, list(results)
+    for case, got in results.items():
+        assert got["result"] == "ok", f"{case}:\n{got['result']}"
+        assert len(got["graphs"]) == 2, f"{case}: {len(got['graphs'])} graphs (a recompile?)"
+        forward, backward = ([name for name, _ in graph] for graph in got["graphs"])
+        split = "split keys" in case
+        assert forward == ["attn_fwd_kernel"] + (["merge_splits_kernel"] if split else []), (case, forward)
+        assert backward == ["bwd_preprocess_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel"], (case, backward)
+        for name, writes in got["graphs"][0] + got["graphs"][1]:
+            assert writes == KERNEL_WRITES[name], f"{case}: torch.compile finds {name} writing {writes}"
 
 
 @needs_gpu

@@ -41,7 +41,7 @@ for part in $PARTS; do
        done; done; unset EFFATTN_CUDA_BWD_TILES ;;
     4) pytest_gpu matrix 200 tests/test_attention.py -k "triton or cuda" ;;
     5) timeout 150 python3 bench/dev/triton_gpu.py --out "$OUT" --dtypes bf16,fp16 --dims 128,64 \
-         --lengths 4096,16384,1024 --methods effattn,effattn+tma,flash,cudnn --max-seconds 130 \
+         --lengths 4096,16384,1024,8192,2048 --methods effattn,effattn+tma,flash,cudnn --max-seconds 130 \
          > "$OUT/bench.log" 2>&1; tail -n 40 "$OUT/bench.log" ;;
     6) python3 -c "from effattn.backends import cuda; assert cuda.sm90_kernels_compiled(), 'built without 9.0a'" \
          || { echo "== part 6: no Hopper kernels in this build"; continue; }

@@ -88,6 +88,13 @@ def _common(q: Tensor, k: Tensor, v: Tensor, window_left: int, window_right: int
     return B, H, HKV, L, S, E, EV, mstr, meta, ptrs
 
 
+def _long(L, S) -> bool:
+    """Whether the interpreter takes its long-sequence blocks. Asked only under the
+    interpreter: under torch.compile with dynamic shapes, max(L, S) would add a guard
+    on which of the two is longer, and so a recompile when that changes."""
+    return INTERPRET and max(L, S) > 256
+
+
 def _window(side: int) -> int:
     """-1 (unbounded) becomes a bound no index reaches, so the kernels need no flag."""
     return UNBOUNDED if side < 0 else min(side, UNBOUNDED)
@@ -156,7 +163,9 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_leng
             v.stride(0), v.stride(1), v.stride(2),
             o_part.stride(1), o_part.stride(2), o_part.stride(3), o_part.stride(0), lse_part.stride(0),
             *args_tail, per_split, _bucket(L), _bucket(S), scale * LOG2E, window_left, window_right,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **meta)
+            # every argument, defaults included: torch.compile reads the kernel's IR for the
+            # tensors it writes, and without one it assumes all (and copies q, k, v first)
+            USE_TMA=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **meta)
         wrap_triton(merge_splits_kernel)[(triton.cdiv(L, 16), B * H)](
             o_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2), H, L, splits,
             HEAD_DIM_V=EV, HEAD_DIM_V_PAD=meta["HEAD_DIM_V_PAD"], BLOCK_M=16, num_warps=4)
@@ -164,7 +173,7 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_leng
     use_tma = _use_tma(q, k, v, meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"])
     if use_tma:
         triton.set_allocator(_tma_scratch(q.device))
-    kernel, fixed = configs.launcher(attn_fwd_kernel, "fwd", d_pad, elem, INTERPRET, max(L, S) > 256, smem)
+    kernel, fixed = configs.launcher(attn_fwd_kernel, "fwd", d_pad, elem, INTERPRET, _long(L, S), smem)
     grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H, 1)  # noqa: E731
     wrap_triton(kernel)[grid](
         q, k, v, out, lse, mask_t, klen, qlen,
@@ -207,7 +216,7 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
     common = dict(meta)
     buckets = (_bucket(L), _bucket(S))
     # ---- 2. dK, dV: one program per key block ----
-    kernel, fixed = configs.launcher(bwd_dkdv_kernel, "dkdv", d_pad, elem, INTERPRET, max(L, S) > 256, smem)
+    kernel, fixed = configs.launcher(bwd_dkdv_kernel, "dkdv", d_pad, elem, INTERPRET, _long(L, S), smem)
     grid = lambda META: (triton.cdiv(S, META["BLOCK_N"]), B * HKV)  # noqa: E731
     wrap_triton(kernel)[grid](
         q, k, v, grad_out, lse2, delta, dk, dv, mask_t, klen, qlen,
@@ -234,7 +243,7 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
             BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **common)
         dq.copy_(dq_part.sum(0))
         return dq, dk, dv
-    kernel, fixed = configs.launcher(bwd_dq_kernel, "dq", d_pad, elem, INTERPRET, max(L, S) > 256, smem)
+    kernel, fixed = configs.launcher(bwd_dq_kernel, "dq", d_pad, elem, INTERPRET, _long(L, S), smem)
     grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H, 1)  # noqa: E731
     wrap_triton(kernel)[grid](
         q, k, v, grad_out, lse2, delta, dq, mask_t, klen, qlen,
