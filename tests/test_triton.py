@@ -124,6 +124,48 @@ def test_smallest_blocks(monkeypatch):
     check_against_oracle(q, k, v, TRITON, is_causal=True, enable_gqa=True, key_lengths=torch.tensor([45, 20]))
 
 
+def _block_shapes(kind):
+    """Every (BLOCK_M, BLOCK_N) a GPU may launch for a kernel: its autotune list, the
+    smaller-shared-memory additions, and (forward, dQ) the short-query configs."""
+    from effattn.triton import configs
+    table = {"fwd": configs.FWD, "dkdv": configs.DKDV, "dq": configs.DQ}[kind] + configs.SMALLER_SMEM[kind]
+    shapes = [("tiled", bm, bn) for bm, bn in sorted({(c[0], c[1]) for c in table})]
+    if kind != "dkdv":
+        shapes += [("short", bm, bn) for bm, bn in sorted({(c[0], c[1]) for c in configs.SHORT})]
+    return shapes
+
+
+@pytest.mark.skipif(GPU, reason="forces block shapes on the interpreter (a GPU's autotuner picks its own)")
+@pytest.mark.parametrize("kind,path,block_m,block_n", [
+    (kind, *shape) for kind in ("fwd", "dkdv", "dq") for shape in _block_shapes(kind)])
+def test_every_block_shape_a_gpu_may_launch(kind, path, block_m, block_n, monkeypatch):
+    """The kernels are correct at every tile shape of the config lists, not only at the
+    interpreter's own or the first config (which the GPU tests fix): the autotuner
+    may pick any of them. Rectangular tiles move the causal diagonal and the window's
+    edges across block boundaries; L < S and L > S, lengths, GQA, a mask."""
+    from effattn.triton import configs
+    launcher, short = configs.launcher, configs.short
+
+    def forced_launcher(kernel, k, *args, **kwargs):
+        fn, fixed = launcher(kernel, k, *args, **kwargs)
+        return fn, dict(fixed, BLOCK_M=block_m, BLOCK_N=block_n) if k == kind else fixed
+
+    if path == "tiled":
+        monkeypatch.setattr(configs, "launcher", forced_launcher)
+        q, k, v = make_qkv(B=2, Hq=2, Hkv=1, L=150, S=200, E=32)
+        check_against_oracle(q, k, v, TRITON, grads=kind != "fwd", is_causal=True, enable_gqa=True,
+                             key_lengths=torch.tensor([200, 111]), query_lengths=torch.tensor([140, 150]))
+        q, k, v = make_qkv(B=2, Hq=2, L=200, S=150, E=24)
+        mask = torch.rand(200, 150, generator=torch.Generator().manual_seed(6)) > 0.2
+        check_against_oracle(q, k, v, TRITON, grads=kind != "fwd", window=(40, 25), attn_mask=mask,
+                             key_lengths=torch.tensor([150, 97]))
+    else:  # split keys: forward and dQ take the short config
+        monkeypatch.setattr(configs, "short", lambda *a, **kw: (block_m, block_n, 4, 1))
+        q, k, v = make_qkv(B=1, Hq=2, L=5, S=700, E=32)
+        check_against_oracle(q, k, v, TRITON, grads=kind != "fwd", is_causal=True,
+                             key_lengths=torch.tensor([650]), window=(600, None))
+
+
 def test_fixed_configs_on_hopper_are_the_gpu_tested_ones():
     # EFFATTN_TRITON_AUTOTUNE=0 takes the first config: on an H100 these ran the GPU tests.
     from effattn.triton import configs
