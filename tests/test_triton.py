@@ -124,31 +124,32 @@ def test_smallest_blocks(monkeypatch):
     check_against_oracle(q, k, v, TRITON, is_causal=True, enable_gqa=True, key_lengths=torch.tensor([45, 20]))
 
 
-def _block_shapes(kind):
-    """Every (BLOCK_M, BLOCK_N) a GPU may launch for a kernel: its autotune list, the
-    smaller-shared-memory additions, and (forward, dQ) the short-query configs."""
+def _launch_configs(kind):
+    """Every config a GPU may launch for a kernel: its autotune list, the additions for
+    smaller shared memory, and (forward, dQ) the short-query configs."""
     from effattn.triton import configs
     table = {"fwd": configs.FWD, "dkdv": configs.DKDV, "dq": configs.DQ}[kind] + configs.SMALLER_SMEM[kind]
-    shapes = [("tiled", bm, bn) for bm, bn in sorted({(c[0], c[1]) for c in table})]
-    if kind != "dkdv":
-        shapes += [("short", bm, bn) for bm, bn in sorted({(c[0], c[1]) for c in configs.SHORT})]
-    return shapes
+    return [("tiled", c) for c in table] + ([("short", c) for c in configs.SHORT] if kind != "dkdv" else [])
 
 
-@pytest.mark.skipif(GPU, reason="forces block shapes on the interpreter (a GPU's autotuner picks its own)")
-@pytest.mark.parametrize("kind,path,block_m,block_n", [
-    (kind, *shape) for kind in ("fwd", "dkdv", "dq") for shape in _block_shapes(kind)])
-def test_every_block_shape_a_gpu_may_launch(kind, path, block_m, block_n, monkeypatch):
-    """The kernels are correct at every tile shape of the config lists, not only at the
-    interpreter's own or the first config (which the GPU tests fix): the autotuner
-    may pick any of them. Rectangular tiles move the causal diagonal and the window's
-    edges across block boundaries; L < S and L > S, lengths, GQA, a mask."""
+@pytest.mark.parametrize("kind,path,config", [
+    (kind, path, config) for kind in ("fwd", "dkdv", "dq") for path, config in _launch_configs(kind)],
+    ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else str(x))
+def test_every_config_a_gpu_may_launch(kind, path, config, monkeypatch):
+    """The kernels are correct with every config of the lists, not only the first (which
+    the GPU tests otherwise fix) or the interpreter's square blocks: the autotuner may
+    pick any of them. Rectangular tiles move the causal diagonal and the window's edges
+    across block boundaries; L < S and L > S, lengths, GQA, a mask. On a GPU each config
+    is compiled and run as the autotuner would (float32 here: the most shared memory);
+    under the interpreter only the block shape matters."""
     from effattn.triton import configs
-    launcher, short = configs.launcher, configs.short
+    launcher = configs.launcher
+    block_m, block_n, warps, stages = config
 
     def forced_launcher(kernel, k, *args, **kwargs):
-        fn, fixed = launcher(kernel, k, *args, **kwargs)
-        return fn, dict(fixed, BLOCK_M=block_m, BLOCK_N=block_n) if k == kind else fixed
+        if k != kind:
+            return launcher(kernel, k, *args, **kwargs)
+        return kernel, dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
     if path == "tiled":
         monkeypatch.setattr(configs, "launcher", forced_launcher)
@@ -160,7 +161,9 @@ def test_every_block_shape_a_gpu_may_launch(kind, path, block_m, block_n, monkey
         check_against_oracle(q, k, v, TRITON, grads=kind != "fwd", window=(40, 25), attn_mask=mask,
                              key_lengths=torch.tensor([150, 97]))
     else:  # split keys: forward and dQ take the short config
-        monkeypatch.setattr(configs, "short", lambda *a, **kw: (block_m, block_n, 4, 1))
+        monkeypatch.setattr(configs, "short", lambda *a, **kw: config)
+        from effattn.triton import ops
+        assert ops._num_splits(2, 700, torch.device(DEVICE)) > 1  # the path under test is taken
         q, k, v = make_qkv(B=1, Hq=2, L=5, S=700, E=32)
         check_against_oracle(q, k, v, TRITON, grads=kind != "fwd", is_causal=True,
                              key_lengths=torch.tensor([650]), window=(600, None))
