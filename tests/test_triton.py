@@ -169,6 +169,20 @@ def test_every_config_a_gpu_may_launch(kind, path, config, monkeypatch):
                              key_lengths=torch.tensor([650]), window=(600, None))
 
 
+def test_backend_says_when_torch_cannot_launch_interpreted_kernels(monkeypatch):
+    """torch 2.11's wrap_triton rejects interpreted kernels (checked with torch 2.11.0 and
+    Triton 3.6): under TRITON_INTERPRET=1 the backend then declares itself unavailable,
+    in words, instead of failing inside a launch."""
+    import torch.library
+
+    def reject(kernel):
+        raise RuntimeError("wrap_triton only works on functions annotated with triton.jit or triton.autotune")
+
+    assert triton_backend._interpreter_problem() == ""  # this torch launches them (or the kernels are JIT)
+    monkeypatch.setattr(torch.library, "wrap_triton", reject)
+    assert "needs a newer torch" in triton_backend._interpreter_problem()
+
+
 def test_fixed_configs_on_hopper_are_the_gpu_tested_ones():
     # EFFATTN_TRITON_AUTOTUNE=0 takes the first config: on an H100 these ran the GPU tests.
     from effattn.triton import configs

@@ -20,6 +20,28 @@ from .base import Backend
 
 MAX_HEAD_DIM = 256
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None  # once: a constant under torch.compile
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _interpreter_problem() -> str:
+    """Under TRITON_INTERPRET=1: why this torch cannot launch interpreted kernels, or "".
+    (torch.library.wrap_triton takes them from torch 2.13 on; 2.11 rejects them.)"""
+    import triton
+    from torch.library import wrap_triton
+
+    @triton.jit
+    def probe(x):
+        pass
+
+    try:
+        wrap_triton(probe)
+    except RuntimeError:
+        return (f"Triton's interpreter (TRITON_INTERPRET=1) needs a newer torch: torch {torch.__version__}'s "
+                "torch.library.wrap_triton cannot launch interpreted kernels (torch 2.13 can)")
+    return ""
+
+
+_INTERPRETER_PROBLEM = _interpreter_problem() if _INTERPRET and _TRITON_FOUND else ""  # once, as above
 _FP32_PRECISION = "tf32"
 
 
@@ -37,13 +59,15 @@ def get_float32_precision() -> str:
 
 class TritonBackend(Backend):
     name = "triton"
-    devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET", "0") == "1" else ("cuda",)
+    devices = ("cuda", "cpu") if _INTERPRET else ("cuda",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     min_cuda_capability = 80  # the kernels' bf16 tensor-core dots and tiles assume Ampere or newer
 
     def unavailable_reasons(self):
         if not _TRITON_FOUND:
             return ["Triton is not installed (pip install triton)"]
+        if _INTERPRETER_PROBLEM:
+            return [_INTERPRETER_PROBLEM]
         if "cpu" not in self.devices and not torch.cuda.is_available():
             return ["no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"]
         return []
