@@ -22,9 +22,11 @@ Prints one JSON object: per case, "ok" or the error, and the kernels of each
 compiled graph with the tensors torch found each one writes. CASE=<prefix>
 runs only the cases whose names start with it.
 
-It leans on Triton's interpreter internals (InterpretedFunction, _patch_lang:
-Triton 3.8) and torch's kernel side table, so tests/test_triton.py runs it on
-machines without a GPU only.
+It leans on Triton's interpreter internals (InterpretedFunction, _patch_lang)
+and torch's kernel side table, so tests/test_triton.py runs it on machines
+without a GPU only. Checked with torch 2.14.1 / Triton 3.8 (CI) and torch
+2.11.0 / Triton 3.6, the GPU machine's (bench/dev/gpu_stack_on_cpu.sh; that
+interpreter needs numpy < 2).
 """
 import json
 import os

@@ -11,6 +11,7 @@ says nothing about speed: the autotuner measures that on the GPU.
 
     python bench/dev/triton_aot.py [--kernels fwd,dkdv,dq] [--arch 90] [--head-dims 64,128,256]
         [--configs all|BM,BN,W,S;... | --fit BYTES] [--tma 0|1] [--dump DIR] [--md FILE]
+    python bench/dev/triton_aot.py --variants [--kernels ...] [--arch 80] [--fit BYTES] [--md FILE]
 """
 import argparse
 import os
@@ -32,12 +33,16 @@ INT_POINTERS = {"KEY_LENGTHS", "QUERY_LENGTHS"}
 FLOAT_SCALARS = {"qk_scale", "scale"}
 
 
-def compile_kernel(kind, arch, head_dim, block, tma=False, dtype="bf16"):
+def compile_kernel(kind, arch, head_dim, block, tma=False, dtype="bf16", **flags):
+    """flags override the constexprs (MASK_KIND, HAS_KEY_LENGTHS, PRECISION, HEAD_DIM_PAD, ...)
+    and mask_dtype the float mask's element type."""
     kernel = KERNELS[kind]
     bm, bn, warps, stages = block
+    mask_dtype = flags.pop("mask_dtype", dtype)
     constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, HEAD_DIM_V=head_dim, HEAD_DIM_V_PAD=head_dim,
                       BLOCK_M=bm, BLOCK_N=bn, HAS_KEY_LENGTHS=False, HAS_QUERY_LENGTHS=False,
                       MASK_KIND=0, UPCAST=False, PRECISION="tf32", USE_TMA=bool(tma))
+    constexprs.update(flags)
     constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
     signature = {}
     for p in kernel.params:
@@ -49,7 +54,7 @@ def compile_kernel(kind, arch, head_dim, block, tma=False, dtype="bf16"):
         elif name in INT_POINTERS:
             signature[name] = "*i64"
         elif name == "MASK":
-            signature[name] = "*u8"
+            signature[name] = "*" + mask_dtype if constexprs.get("MASK_KIND") == 2 else "*u8"
         elif name == "DQ" and kind == "dq":
             signature[name] = "*" + dtype
         elif name.isupper() and not name.endswith("BUCKET") and name not in (
@@ -84,6 +89,45 @@ def resources(compiled):
     return int(m.group(1)), int(m.group(2)), int(compiled.metadata.shared)
 
 
+# One feature at a time, against the plain bf16 call: (name, dtype, head dim, constexpr overrides).
+# Every variant the ops can launch is one of these or a combination of them.
+VARIANTS = [
+    ("plain bf16", "bf16", 128, {}),
+    ("fp16", "fp16", 128, {}),
+    ("fp32, tf32", "fp32", 128, {}),
+    ("fp32, ieee", "fp32", 128, dict(PRECISION="ieee")),
+    ("bool mask", "bf16", 128, dict(MASK_KIND=1)),
+    ("float mask (bf16)", "bf16", 128, dict(MASK_KIND=2)),
+    ("float mask (fp32)", "bf16", 128, dict(MASK_KIND=2, mask_dtype="fp32")),
+    ("key and query lengths", "bf16", 128, dict(HAS_KEY_LENGTHS=True, HAS_QUERY_LENGTHS=True)),
+    ("head dim 72, padded to 128", "bf16", 72, dict(HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128)),
+    ("value dim 64, head dim 128", "bf16", 128, dict(HEAD_DIM_V=64, HEAD_DIM_V_PAD=64)),
+    ("everything, fp16 at 40", "fp16", 40, dict(HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, MASK_KIND=2,
+                                                HAS_KEY_LENGTHS=True, HAS_QUERY_LENGTHS=True)),
+]
+
+
+def variants(arch, kinds, fit):
+    """Compiles each kernel's variants with the config configs.py picks first for the GPU
+    (fit: its shared memory per block): what a GPU would build for those calls."""
+    lines = [f"| kernel | variant | BLOCK_M, BLOCK_N, warps, stages | sm_{arch} registers | spill stack (B) | "
+             "shared (KB) |", "|---|---|---|---|---|---|"]
+    print(lines[0], flush=True)
+    elem = {"bf16": 2, "fp16": 2, "fp32": 4}
+    for kind in kinds:
+        for name, dtype, e, flags in VARIANTS:
+            d_pad = flags.get("HEAD_DIM_PAD", e)
+            block = cfgs.configs(kind, d_pad, elem[dtype], fit)[0]
+            try:
+                regs, stack, shared = resources(compile_kernel(kind, arch, e, block, dtype=dtype, **flags))
+                row = f"{regs} | {stack} | {shared / 1024:.0f}" + ("" if shared <= fit else " (DOES NOT FIT)")
+            except Exception as exc:
+                row = f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} | - | -"
+            lines.append(f"| {kind} | {name} | {', '.join(map(str, block))} | {row} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernels", default="fwd")
@@ -95,7 +139,17 @@ def main():
     ap.add_argument("--tma", type=int, default=0, choices=[0, 1])
     ap.add_argument("--dump")
     ap.add_argument("--md", help="append the table to this markdown file")
+    ap.add_argument("--variants", action="store_true", help="each feature flag once (masks, lengths, "
+                    "dtypes, padded head dims) with the first config for the --fit shared memory (Hopper's "
+                    "by default)")
     a = ap.parse_args()
+    if a.variants:
+        lines = variants(a.arch, a.kernels.split(","), a.fit or cfgs.HOPPER_SMEM)
+        if a.md:
+            with open(a.md, "a") as f:
+                f.write(f"\nTriton {triton.__version__}, target sm_{a.arch}, feature variants\n\n"
+                        + "\n".join(lines) + "\n")
+        return
     lines = [f"| kernel | E | BLOCK_M, BLOCK_N, warps, stages | sm_{a.arch} registers | spill stack (B) | "
              "shared (KB) | in the autotune list for E |",
              "|---|---|---|---|---|---|---|"]
