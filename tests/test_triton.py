@@ -3,7 +3,9 @@ backend: the split-keys path for short queries, TF32 by default, the op
 registration, and, on a GPU only, torch.compile, autotuning, long sequences
 and the no-(L x S) memory promise. The Triton kernels run on the GPU when
 there is one, else on the CPU under Triton's interpreter (conftest sets it)."""
+import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -105,13 +107,35 @@ def test_configs_fit_the_gpus_shared_memory(kind, gpu):
     path and head dim 256 asked 99 KB GPUs for 106-168 KB."""
     from effattn.triton import configs
     limit = SMEM_LIMITS[gpu]
-    for d_pad in (16, 32, 64, 128, 256):
-        for elem in (2, 4):
-            cands = configs.configs(kind, d_pad, elem, limit)
-            assert cands and all(configs.smem_bytes(c, kind, d_pad, elem) <= limit for c in cands), (d_pad, elem)
-            if kind != "dkdv":
-                short = configs.short(d_pad, elem, False, limit)
-                assert configs.smem_bytes(short, kind, d_pad, elem) <= limit, (d_pad, elem, short)
+    for d_pad, elem, masked in itertools.product((16, 32, 64, 128, 256), (2, 4), (False, True)):
+        case = (d_pad, elem, masked)
+        cands = configs.configs(kind, d_pad, elem, limit, masked)
+        assert cands and all(configs.smem_bytes(c, kind, d_pad, elem, masked) <= limit for c in cands), case
+        if kind != "dkdv":
+            short = configs.short(d_pad, elem, False, limit, masked)
+            assert configs.smem_bytes(short, kind, d_pad, elem, masked) <= limit, (case, short)
+
+
+@pytest.mark.parametrize("arch,kernels,head_dim", [(80, "dkdv,dq", 128), (90, "fwd", 256)])
+def test_masked_configs_fit_when_compiled(arch, kernels, head_dim):
+    """What configs.py picks for a float32 mask, compiled for the GPU by Triton and ptxas
+    (bench/dev/triton_aot.py, no GPU needed), fits the GPU's shared memory. Before the
+    mask's pipelined tiles were counted these needed 193 KB (dK/dV) and 180 KB (dQ) of an
+    A100's 163, and 240 KB (the forward at head dim 256) of an H100's 227."""
+    import subprocess
+    import sys
+    limit = {80: SMEM_LIMITS["sm_80"], 90: SMEM_LIMITS["sm_90"]}[arch]
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "dev", "triton_aot.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real compiler
+    run = subprocess.run([sys.executable, script, "--variants", "--kernels", kernels, "--arch", str(arch),
+                          "--fit", str(limit), "--only", f"float mask (fp32)@{head_dim}"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if "float mask (fp32)" in line]
+    assert len(rows) == len(kernels.split(",")), run.stdout
+    for row in rows:
+        shared_kb = row.split("|")[6].strip()
+        assert shared_kb.isdigit() and int(shared_kb) * 1024 <= limit, row
 
 
 @pytest.mark.skipif(GPU, reason="forces the interpreter's blocks (the GPU's come from configs.configs)")

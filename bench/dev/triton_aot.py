@@ -107,7 +107,7 @@ VARIANTS = [
 ]
 
 
-def variants(arch, kinds, fit):
+def variants(arch, kinds, fit, only=None):
     """Compiles each kernel's variants with the config configs.py picks first for the GPU
     (fit: its shared memory per block): what a GPU would build for those calls."""
     lines = [f"| kernel | variant | BLOCK_M, BLOCK_N, warps, stages | sm_{arch} registers | spill stack (B) | "
@@ -116,8 +116,11 @@ def variants(arch, kinds, fit):
     elem = {"bf16": 2, "fp16": 2, "fp32": 4}
     for kind in kinds:
         for name, dtype, e, flags in VARIANTS:
+            if only and name not in only:
+                continue
+            e = (only.get(name) or e) if only else e  # a head dim given with the name
             d_pad = flags.get("HEAD_DIM_PAD", e)
-            block = cfgs.configs(kind, d_pad, elem[dtype], fit)[0]
+            block = cfgs.configs(kind, d_pad, elem[dtype], fit, masked=flags.get("MASK_KIND", 0) != 0)[0]
             try:
                 regs, stack, shared = resources(compile_kernel(kind, arch, e, block, dtype=dtype, **flags))
                 row = f"{regs} | {stack} | {shared / 1024:.0f}" + ("" if shared <= fit else " (DOES NOT FIT)")
@@ -142,9 +145,16 @@ def main():
     ap.add_argument("--variants", action="store_true", help="each feature flag once (masks, lengths, "
                     "dtypes, padded head dims) with the first config for the --fit shared memory (Hopper's "
                     "by default)")
+    ap.add_argument("--only", help='with --variants: "NAME[@HEAD_DIM];..." (e.g. "float mask (fp32)@256")')
     a = ap.parse_args()
     if a.variants:
-        lines = variants(a.arch, a.kernels.split(","), a.fit or cfgs.HOPPER_SMEM)
+        only = None
+        if a.only:
+            only = {}
+            for item in a.only.split(";"):
+                name, _, dim = item.partition("@")
+                only[name] = int(dim) if dim else None
+        lines = variants(a.arch, a.kernels.split(","), a.fit or cfgs.HOPPER_SMEM, only)
         if a.md:
             with open(a.md, "a") as f:
                 f.write(f"\nTriton {triton.__version__}, target sm_{a.arch}, feature variants\n\n"

@@ -14,7 +14,12 @@ sm_90, to within 2 KB, for every config below at head dims 64, 128 and 256
 (bench/dev/triton_aot.py compiles them without a GPU; Triton 3.8). On sm_80
 and sm_86 Triton allocated less for every config checked
 (bench/results/triton-compile-resources.md), so there the estimate is an
-upper bound.
+upper bound. A dense mask adds its tiles to the pipeline: stages - 1 tiles of
+(BLOCK_M, BLOCK_N) in float32 for a float32 mask, measured on every kernel
+and stage count; less for bool and 16-bit masks, which the estimate charges
+the same (``masked``). Without that, the float32-mask backward picked for an
+A100 needed 180-193 KB of its 163, and the head-dim-256 forward 240 KB of an
+H100's 227: launch failures once the autotuner had no other config.
 
 Under the interpreter (TRITON_INTERPRET=1, CPU tensors) small fixed blocks
 keep the numpy emulation fast while still giving every test several blocks.
@@ -101,31 +106,34 @@ def smem_limit(device: torch.device) -> int:
     return _device_smem(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def smem_bytes(cfg: Tuple[int, int, int, int], kind: str, d_pad: int, elem: int) -> int:
+def smem_bytes(cfg: Tuple[int, int, int, int], kind: str, d_pad: int, elem: int, masked: bool = False) -> int:
     """Shared memory of a config as Triton allocates it on sm_90: the streamed
-    tiles once per stage, the tiles a program keeps once."""
+    tiles once per stage, the tiles a program keeps once, and with a dense
+    mask its pipelined (BLOCK_M, BLOCK_N) tiles, charged as float32."""
     bm, bn, _, stages = cfg
+    mask = (stages - 1) * bm * bn * 4 if masked else 0
     if kind == "fwd":  # K and V tiles per stage, Q once
-        return (stages * 2 * bn + bm) * d_pad * elem
+        return (stages * 2 * bn + bm) * d_pad * elem + mask
     if kind == "dkdv":  # Q and dO tiles per stage, K and V once
-        return (stages * 2 * bm + 2 * bn) * d_pad * elem
-    return (stages * 2 * bn + 2 * bm) * d_pad * elem  # dq: K and V per stage, Q and dO once
+        return (stages * 2 * bm + 2 * bn) * d_pad * elem + mask
+    return (stages * 2 * bn + 2 * bm) * d_pad * elem + mask  # dq: K and V per stage, Q and dO once
 
 
-def _fits(cfg: Tuple[int, int, int, int], kind: str, d_pad: int, elem: int, limit: int) -> bool:
+def _fits(cfg: Tuple[int, int, int, int], kind: str, d_pad: int, elem: int, limit: int, masked: bool) -> bool:
     bm, bn, _, _ = cfg
     held = {"dkdv": bn, "dq": bm}.get(kind, 0)
     if d_pad >= 256 and held > 64:
         return False  # its fp32 accumulators (dK and dV, or dQ: rows x 256) would spill
-    return smem_bytes(cfg, kind, d_pad, elem) <= limit
+    return smem_bytes(cfg, kind, d_pad, elem, masked) <= limit
 
 
-def short(d_pad: int, elem: int, interpret: bool, limit: int = HOPPER_SMEM) -> Tuple[int, int, int, int]:
+def short(d_pad: int, elem: int, interpret: bool, limit: int = HOPPER_SMEM,
+          masked: bool = False) -> Tuple[int, int, int, int]:
     """The short-query (split keys) config: the first that fits (forward and dQ alike)."""
     if interpret:
         return (16, 64, 4, 1)
     for cfg in SHORT:
-        if all(smem_bytes(cfg, kind, d_pad, elem) <= limit for kind in ("fwd", "dq")):
+        if all(smem_bytes(cfg, kind, d_pad, elem, masked) <= limit for kind in ("fwd", "dq")):
             return cfg
     return SHORT[-1]
 
@@ -134,22 +142,24 @@ def autotune_enabled() -> bool:
     return os.environ.get("EFFATTN_TRITON_AUTOTUNE", "1") != "0"
 
 
-def configs(kind: str, d_pad: int, elem: int, limit: int = HOPPER_SMEM) -> List[Tuple[int, int, int, int]]:
-    """The candidates that fit ``limit`` bytes of shared memory, in list order
-    (the first is the fixed config); if none does, the smallest."""
+def configs(kind: str, d_pad: int, elem: int, limit: int = HOPPER_SMEM,
+            masked: bool = False) -> List[Tuple[int, int, int, int]]:
+    """The candidates that fit ``limit`` bytes of shared memory (with a dense
+    mask's tiles if ``masked``), in list order (the first is the fixed
+    config); if none does, the smallest."""
     table = {"fwd": FWD, "dkdv": DKDV, "dq": DQ}[kind]
-    fitting = [c for c in table if _fits(c, kind, d_pad, elem, limit)]
+    fitting = [c for c in table if _fits(c, kind, d_pad, elem, limit, masked)]
     if limit < HOPPER_SMEM or not fitting:
         table = table + SMALLER_SMEM[kind]
-        fitting += [c for c in SMALLER_SMEM[kind] if _fits(c, kind, d_pad, elem, limit)]
-    return fitting or [min(table, key=lambda c: smem_bytes(c, kind, d_pad, elem))]
+        fitting += [c for c in SMALLER_SMEM[kind] if _fits(c, kind, d_pad, elem, limit, masked)]
+    return fitting or [min(table, key=lambda c: smem_bytes(c, kind, d_pad, elem, masked))]
 
 
 _AUTOTUNED: Dict[tuple, object] = {}
 
 
 def launcher(kernel, kind: str, d_pad: int, elem: int, interpret: bool, long: bool = False,
-             limit: int = HOPPER_SMEM):
+             limit: int = HOPPER_SMEM, masked: bool = False):
     """(callable kernel, fixed meta-parameters or None).
 
     Autotuned: returns a triton.autotune wrapper (one per kernel, head-dim
@@ -158,11 +168,11 @@ def launcher(kernel, kind: str, d_pad: int, elem: int, interpret: bool, long: bo
     if interpret:
         bm, bn, w, s = INTERPRETER_LONG if long else INTERPRETER
         return kernel, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-    cands = configs(kind, d_pad, elem, limit)
+    cands = configs(kind, d_pad, elem, limit, masked)
     if not autotune_enabled() or len(cands) == 1:
         bm, bn, w, s = cands[0]
         return kernel, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-    key = (kind, id(kernel), d_pad, elem, limit)
+    key = (kind, id(kernel), d_pad, elem, limit, masked)
     if key not in _AUTOTUNED:
         _AUTOTUNED[key] = triton.autotune(
             configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)

@@ -152,7 +152,7 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_leng
     args_tail = (mstr[0], mstr[1], mstr[2], mstr[3], H, H // HKV, L, S)
     splits = _num_splits(B * H, S, q.device) if L <= configs.SHORT_QUERY_ROWS else 1
     if splits > 1:
-        bm, bn, w, st = configs.short(d_pad, elem, INTERPRET, smem)
+        bm, bn, w, st = configs.short(d_pad, elem, INTERPRET, smem, mask is not None)
         per_split = triton.cdiv(triton.cdiv(S, splits), SPLIT_CHUNK) * SPLIT_CHUNK
         splits = triton.cdiv(S, per_split)
         o_part = torch.empty((splits, B, H, L, EV), dtype=torch.float32, device=q.device)
@@ -173,7 +173,8 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_leng
     use_tma = _use_tma(q, k, v, meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"])
     if use_tma:
         triton.set_allocator(_tma_scratch(q.device))
-    kernel, fixed = configs.launcher(attn_fwd_kernel, "fwd", d_pad, elem, INTERPRET, _long(L, S), smem)
+    kernel, fixed = configs.launcher(attn_fwd_kernel, "fwd", d_pad, elem, INTERPRET, _long(L, S), smem,
+                                     mask is not None)
     grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H, 1)  # noqa: E731
     wrap_triton(kernel)[grid](
         q, k, v, out, lse, mask_t, klen, qlen,
@@ -216,7 +217,8 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
     common = dict(meta)
     buckets = (_bucket(L), _bucket(S))
     # ---- 2. dK, dV: one program per key block ----
-    kernel, fixed = configs.launcher(bwd_dkdv_kernel, "dkdv", d_pad, elem, INTERPRET, _long(L, S), smem)
+    kernel, fixed = configs.launcher(bwd_dkdv_kernel, "dkdv", d_pad, elem, INTERPRET, _long(L, S), smem,
+                                     mask is not None)
     grid = lambda META: (triton.cdiv(S, META["BLOCK_N"]), B * HKV)  # noqa: E731
     wrap_triton(kernel)[grid](
         q, k, v, grad_out, lse2, delta, dk, dv, mask_t, klen, qlen,
@@ -230,7 +232,7 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
     splits = _num_splits(B * H, S, q.device) if L <= configs.SHORT_QUERY_ROWS else 1
     tail = (mstr[0], mstr[1], mstr[2], mstr[3], H, H // HKV, L, S)
     if splits > 1:
-        bm, bn, w, st = configs.short(d_pad, elem, INTERPRET, smem)
+        bm, bn, w, st = configs.short(d_pad, elem, INTERPRET, smem, mask is not None)
         per_split = triton.cdiv(triton.cdiv(S, splits), SPLIT_CHUNK) * SPLIT_CHUNK
         splits = triton.cdiv(S, per_split)
         dq_part = torch.empty((splits, B, H, L, E), dtype=torch.float32, device=q.device)
@@ -243,7 +245,8 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
             BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **common)
         dq.copy_(dq_part.sum(0))
         return dq, dk, dv
-    kernel, fixed = configs.launcher(bwd_dq_kernel, "dq", d_pad, elem, INTERPRET, _long(L, S), smem)
+    kernel, fixed = configs.launcher(bwd_dq_kernel, "dq", d_pad, elem, INTERPRET, _long(L, S), smem,
+                                     mask is not None)
     grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H, 1)  # noqa: E731
     wrap_triton(kernel)[grid](
         q, k, v, grad_out, lse2, delta, dq, mask_t, klen, qlen,
