@@ -18,8 +18,9 @@ upper bound. A dense mask adds its tiles to the pipeline: stages - 1 tiles of
 (BLOCK_M, BLOCK_N) in float32 for a float32 mask, measured on every kernel
 and stage count; less for bool and 16-bit masks, which the estimate charges
 the same (``masked``). Without that, the float32-mask backward picked for an
-A100 needed 180-193 KB of its 163, and the head-dim-256 forward 240 KB of an
-H100's 227: launch failures once the autotuner had no other config.
+A100 needed 180-193 KB of its 163, the forward for an RTX 30xx/40xx 128 KB of
+its 99, and the head-dim-256 forward 240 KB of an H100's 227: launch failures
+once the autotuner had no other config (triton-compile-resources.md).
 
 Under the interpreter (TRITON_INTERPRET=1, CPU tensors) small fixed blocks
 keep the numpy emulation fast while still giving every test several blocks.
