@@ -164,11 +164,12 @@ def test_every_config_a_gpu_may_launch(kind, path, config, monkeypatch):
     the GPU tests otherwise fix) or the interpreter's square blocks: the autotuner may
     pick any of them. Rectangular tiles move the causal diagonal and the window's edges
     across block boundaries; L < S and L > S, lengths, GQA, a mask. On a GPU each config
-    is compiled and run as the autotuner would (float32 here: the most shared memory);
-    under the interpreter only the block shape matters."""
+    is compiled and run as the autotuner would, in bf16; under the interpreter (float32)
+    only the block shape matters."""
     from effattn.triton import configs
     launcher = configs.launcher
     block_m, block_n, warps, stages = config
+    dtype = torch.bfloat16 if GPU else torch.float32
 
     def forced_launcher(kernel, k, *args, **kwargs):
         if k != kind:
@@ -177,10 +178,10 @@ def test_every_config_a_gpu_may_launch(kind, path, config, monkeypatch):
 
     if path == "tiled":
         monkeypatch.setattr(configs, "launcher", forced_launcher)
-        q, k, v = make_qkv(B=2, Hq=2, Hkv=1, L=150, S=200, E=32)
+        q, k, v = make_qkv(B=2, Hq=2, Hkv=1, L=150, S=200, E=32, dtype=dtype)
         check_against_oracle(q, k, v, TRITON, grads=kind != "fwd", is_causal=True, enable_gqa=True,
                              key_lengths=torch.tensor([200, 111]), query_lengths=torch.tensor([140, 150]))
-        q, k, v = make_qkv(B=2, Hq=2, L=200, S=150, E=24)
+        q, k, v = make_qkv(B=2, Hq=2, L=200, S=150, E=24, dtype=dtype)
         mask = torch.rand(200, 150, generator=torch.Generator().manual_seed(6)) > 0.2
         check_against_oracle(q, k, v, TRITON, grads=kind != "fwd", window=(40, 25), attn_mask=mask,
                              key_lengths=torch.tensor([150, 97]))
@@ -188,7 +189,7 @@ def test_every_config_a_gpu_may_launch(kind, path, config, monkeypatch):
         monkeypatch.setattr(configs, "short", lambda *a, **kw: config)
         from effattn.triton import ops
         assert ops._num_splits(2, 700, torch.device(DEVICE)) > 1  # the path under test is taken
-        q, k, v = make_qkv(B=1, Hq=2, L=5, S=700, E=32)
+        q, k, v = make_qkv(B=1, Hq=2, L=5, S=700, E=32, dtype=dtype)
         check_against_oracle(q, k, v, TRITON, grads=kind != "fwd", is_causal=True,
                              key_lengths=torch.tensor([650]), window=(600, None))
 
