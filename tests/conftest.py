@@ -3,6 +3,8 @@ backends to test, generated from each backend's own declarations."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -148,6 +150,23 @@ def assert_padding_never_read(attention, device, dtype, E, B=3, H=2, L=70, S=150
         assert not poisoned.isnan().any(), f"{name}: the padding's NaN leaked in"
         # the same up to the order of float atomic additions (the CUDA backward's dQ)
         torch.testing.assert_close(poisoned, clean, msg=lambda m: f"{name}: {m}")
+
+
+def run_checked(cmd, **kwargs):
+    """subprocess.run that fails the test with the command's output."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
+                    f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_script(path, *args, timeout=900):
+    """stdout of a Python script (a path relative to tests/) run in a child process
+    without TRITON_INTERPRET: the scripts set up the Triton they need themselves."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), path)
+    return run_checked([sys.executable, script, *args], env=env, timeout=timeout).stdout
 
 
 def assert_bound(name, got, same_precision, oracle, dtype, floor=True):

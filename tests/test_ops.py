@@ -8,7 +8,7 @@ import torch
 
 import effattn
 from effattn.backends import BY_NAME
-from conftest import largest_allocation, make_qkv
+from conftest import largest_allocation, make_qkv, run_script
 
 
 def _op_args(B=2, Hq=4, Hkv=2, L=19, S=23, E=8, Ev=8, dtype=torch.float64, mask=None, lengths=False,
@@ -127,14 +127,9 @@ def test_compile_dispatch_for_cuda_tensors_without_graph_breaks():
     would, with the driver queries opaque (a graph break unless effattn makes them
     constants). The GPU's own compile test is in test_triton.py."""
     import json
-    import subprocess
-    import sys
     pytest.importorskip("triton")
-    script = os.path.join(os.path.dirname(__file__), "dispatch_as_cuda.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the GPU's backend list
-    run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+    stdout = run_script("dispatch_as_cuda.py", timeout=600)  # (no interpreter: the GPU's backend list)
+    results = json.loads(stdout.strip().splitlines()[-1])
     expected = {"auto": ("triton", "cuda"), "auto, deterministic": ("triton",), "cuda": ("cuda",),
                 "triton": ("triton",), "walk to the reference": ("reference",)}
     for case, want in expected.items():

@@ -5,13 +5,12 @@ and the no-(L x S) memory promise. The Triton kernels run on the GPU when
 there is one, else on the CPU under Triton's interpreter (conftest sets it)."""
 import itertools
 import math
-import os
 
 import pytest
 import torch
 
 import effattn
-from conftest import BackendCase, check_against_oracle, make_qkv, on_device
+from conftest import BackendCase, check_against_oracle, make_qkv, on_device, run_script
 from effattn.backends import BY_NAME
 from effattn.backends import triton as triton_backend
 
@@ -122,17 +121,11 @@ def test_masked_configs_fit_when_compiled(arch, kernels, head_dim):
     (bench/dev/triton_aot.py, no GPU needed), fits the GPU's shared memory. Before the
     mask's pipelined tiles were counted these needed 193 KB (dK/dV) and 180 KB (dQ) of an
     A100's 163, and 240 KB (the forward at head dim 256) of an H100's 227."""
-    import subprocess
-    import sys
     limit = {80: SMEM_LIMITS["sm_80"], 90: SMEM_LIMITS["sm_90"]}[arch]
-    script = os.path.join(os.path.dirname(__file__), "..", "bench", "dev", "triton_aot.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real compiler
-    run = subprocess.run([sys.executable, script, "--variants", "--kernels", kernels, "--arch", str(arch),
-                          "--fit", str(limit), "--only", f"float mask (fp32)@{head_dim}"],
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = [line for line in run.stdout.splitlines() if "float mask (fp32)" in line]
-    assert len(rows) == len(kernels.split(",")), run.stdout
+    stdout = run_script("../bench/dev/triton_aot.py", "--variants", "--kernels", kernels, "--arch", str(arch),
+                        "--fit", str(limit), "--only", f"float mask (fp32)@{head_dim}", timeout=600)
+    rows = [line for line in stdout.splitlines() if "float mask (fp32)" in line]
+    assert len(rows) == len(kernels.split(",")), stdout
     for row in rows:
         shared_kb = row.split("|")[6].strip()
         assert shared_kb.isdigit() and int(shared_kb) * 1024 <= limit, row
@@ -338,14 +331,7 @@ def test_compile_traces_the_kernels_and_its_graphs_run_interpreted():
     graph). Eager launches fail in that process, so no case passes by falling back.
     Inductor's code generation is left to the GPU test."""
     import json
-    import os
-    import subprocess
-    import sys
-    script = os.path.join(os.path.dirname(__file__), "triton_compiled_on_cpu.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+    results = json.loads(run_script("triton_compiled_on_cpu.py").strip().splitlines()[-1])
     assert len(results) == 6, list(results)
     for case, got in results.items():
         assert got["result"] == "ok", f"{case}:\n{got['result']}"

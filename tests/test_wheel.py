@@ -20,20 +20,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import run_checked as run
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 OTHER_TORCH = "2.13.0"  # a torch >= 2.10 other than the one we build against
-
-
-def run(cmd, **kwargs):
-    """subprocess.run that fails the test with the command's output."""
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
-                    f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
-    return proc
 
 
 # ---- the wheel --------------------------------------------------------------------------------

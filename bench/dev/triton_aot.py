@@ -11,7 +11,8 @@ says nothing about speed: the autotuner measures that on the GPU.
 
     python bench/dev/triton_aot.py [--kernels fwd,dkdv,dq] [--arch 90] [--head-dims 64,128,256]
         [--configs all|BM,BN,W,S;... | --fit BYTES] [--tma 0|1] [--dump DIR] [--md FILE]
-    python bench/dev/triton_aot.py --variants [--kernels ...] [--arch 80] [--fit BYTES] [--md FILE]
+    python bench/dev/triton_aot.py --variants [--kernels ...] [--arch 80] [--fit BYTES]
+        [--only "NAME[@HEAD_DIM];..."] [--md FILE]
 """
 import argparse
 import os
