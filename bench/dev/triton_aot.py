@@ -27,6 +27,7 @@ from triton.compiler import ASTSource
 from effattn.triton import configs as cfgs
 from effattn.triton.backward import bwd_dkdv_kernel, bwd_dq_kernel
 from effattn.triton.forward import attn_fwd_kernel
+from effattn.triton.ops import _pad  # the ops' head-dim padding rule
 
 KERNELS = {"fwd": attn_fwd_kernel, "dkdv": bwd_dkdv_kernel, "dq": bwd_dq_kernel}
 FLOAT_POINTERS = {"LSE", "LSE2", "DELTA"}  # float32 rows; other upper-case pointers are by name below
@@ -40,7 +41,9 @@ def compile_kernel(kind, arch, head_dim, block, tma=False, dtype="bf16", **flags
     kernel = KERNELS[kind]
     bm, bn, warps, stages = block
     mask_dtype = flags.pop("mask_dtype", dtype)
-    constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, HEAD_DIM_V=head_dim, HEAD_DIM_V_PAD=head_dim,
+    head_dim_v = flags.pop("HEAD_DIM_V", head_dim)
+    constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=_pad(head_dim), HEAD_DIM_V=head_dim_v,
+                      HEAD_DIM_V_PAD=_pad(head_dim_v),
                       BLOCK_M=bm, BLOCK_N=bn, HAS_KEY_LENGTHS=False, HAS_QUERY_LENGTHS=False,
                       MASK_KIND=0, UPCAST=False, PRECISION="tf32", USE_TMA=bool(tma))
     constexprs.update(flags)
@@ -91,7 +94,8 @@ def resources(compiled):
 
 
 # One feature at a time, against the plain bf16 call: (name, dtype, head dim, constexpr overrides).
-# Every variant the ops can launch is one of these or a combination of them.
+# Every variant the ops can launch is one of these or a combination of them. The padded head dims
+# (HEAD_DIM_PAD, HEAD_DIM_V_PAD) follow from HEAD_DIM and HEAD_DIM_V by the ops' rule.
 VARIANTS = [
     ("plain bf16", "bf16", 128, {}),
     ("fp16", "fp16", 128, {}),
@@ -101,10 +105,9 @@ VARIANTS = [
     ("float mask (bf16)", "bf16", 128, dict(MASK_KIND=2)),
     ("float mask (fp32)", "bf16", 128, dict(MASK_KIND=2, mask_dtype="fp32")),
     ("key and query lengths", "bf16", 128, dict(HAS_KEY_LENGTHS=True, HAS_QUERY_LENGTHS=True)),
-    ("head dim 72, padded to 128", "bf16", 72, dict(HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128)),
-    ("value dim 64, head dim 128", "bf16", 128, dict(HEAD_DIM_V=64, HEAD_DIM_V_PAD=64)),
-    ("everything, fp16 at 40", "fp16", 40, dict(HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, MASK_KIND=2,
-                                                HAS_KEY_LENGTHS=True, HAS_QUERY_LENGTHS=True)),
+    ("head dim 72, padded to 128", "bf16", 72, {}),
+    ("value dim 64, head dim 128", "bf16", 128, dict(HEAD_DIM_V=64)),
+    ("everything, fp16 at 40", "fp16", 40, dict(MASK_KIND=2, HAS_KEY_LENGTHS=True, HAS_QUERY_LENGTHS=True)),
 ]
 
 
@@ -120,7 +123,7 @@ def variants(arch, kinds, fit, only=None):
             if only and name not in only:
                 continue
             e = (only.get(name) or e) if only else e  # a head dim given with the name
-            d_pad = flags.get("HEAD_DIM_PAD", e)
+            d_pad = max(_pad(e), _pad(flags.get("HEAD_DIM_V", e)))
             block = cfgs.configs(kind, d_pad, elem[dtype], fit, masked=flags.get("MASK_KIND", 0) != 0)[0]
             try:
                 regs, stack, shared = resources(compile_kernel(kind, arch, e, block, dtype=dtype, **flags))
