@@ -122,7 +122,8 @@ def variants(arch, kinds, fit, only=None):
         for name, dtype, e, flags in VARIANTS:
             if only and name not in only:
                 continue
-            e = (only.get(name) or e) if only else e  # a head dim given with the name
+            if only and only.get(name):  # a head dim given with the name, shown in the row
+                e, name = only[name], f"{name}@{only[name]}"
             d_pad = max(_pad(e), _pad(flags.get("HEAD_DIM_V", e)))
             block = cfgs.configs(kind, d_pad, elem[dtype], fit, masked=flags.get("MASK_KIND", 0) != 0)[0]
             try:
