@@ -117,12 +117,20 @@ inline const int64_t* lengths_ptr(const std::optional<Tensor>& t, const char* na
 }
 
 // Fills everything of FwdParams except the output pointers.
+// The ops' window sides: the spec's band, None for an unbounded side, any
+// int otherwise (|side| beyond the sequence lengths means the same as open).
+using WindowSide = std::optional<int64_t>;
+
+inline int64_t window_side(const WindowSide& side) {
+  if (!side.has_value()) return kUnbounded;
+  return std::max(-kUnbounded, std::min(*side, kUnbounded));
+}
+
 inline FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor& v,
                                  const std::optional<Tensor>& mask,
                                  const std::optional<Tensor>& key_lengths,
-                                 const std::optional<Tensor>& query_lengths,
-                                 double scale, bool is_causal, int64_t window_left,
-                                 int64_t window_right) {
+                                 const std::optional<Tensor>& query_lengths, double scale,
+                                 const WindowSide& window_left, const WindowSide& window_right) {
   check_attention_tensor(q, "query");
   check_attention_tensor(k, "key");
   check_attention_tensor(v, "value");
@@ -150,8 +158,6 @@ inline FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor&
   STD_TORCH_CHECK(p.heads_kv > 0 ? p.heads_q % p.heads_kv == 0 : p.heads_q == 0,
                   "effattn: query heads (", p.heads_q,
                   ") must be a multiple of key/value heads (", p.heads_kv, ")");
-  STD_TORCH_CHECK(window_left >= kUnbounded && window_right >= kUnbounded,
-                  "effattn: window sizes must be >= 0, or -1 for unbounded");
 
   p.q = q.const_data_ptr();
   p.k = k.const_data_ptr();
@@ -184,10 +190,8 @@ inline FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor&
   p.query_lengths = lengths_ptr(query_lengths, "query_lengths", p.batch, p.seqlen_q);
 
   p.scale = scale;
-  p.window_left = window_left;
-  p.window_right = window_right;
-  if (is_causal)  // top-left aligned, as SDPA's is_causal
-    p.window_right = window_right == kUnbounded ? 0 : std::min<int64_t>(window_right, 0);
+  p.window_left = window_side(window_left);
+  p.window_right = window_side(window_right);
   return p;
 }
 
@@ -201,9 +205,9 @@ inline FwdCall make_fwd_call(const Tensor& q, const Tensor& k, const Tensor& v,
                              const std::optional<Tensor>& mask,
                              const std::optional<Tensor>& key_lengths,
                              const std::optional<Tensor>& query_lengths, double scale,
-                             bool is_causal, int64_t window_left, int64_t window_right) {
-  FwdParams p = make_fwd_params(q, k, v, mask, key_lengths, query_lengths, scale, is_causal,
-                                window_left, window_right);
+                             const WindowSide& window_left, const WindowSide& window_right) {
+  FwdParams p = make_fwd_params(q, k, v, mask, key_lengths, query_lengths, scale, window_left,
+                                window_right);
   Tensor out = empty_in_layout_of(q, {p.batch, p.heads_q, p.seqlen_q, p.head_dim_v},
                                   q.scalar_type());
   Tensor lse = torch::stable::new_empty(q, {p.batch, p.heads_q, p.seqlen_q},
@@ -227,10 +231,10 @@ inline BwdCall make_bwd_call(const Tensor& grad_out, const std::optional<Tensor>
                              const Tensor& lse, const std::optional<Tensor>& mask,
                              const std::optional<Tensor>& key_lengths,
                              const std::optional<Tensor>& query_lengths, double scale,
-                             bool is_causal, int64_t window_left, int64_t window_right) {
+                             const WindowSide& window_left, const WindowSide& window_right) {
   BwdParams p;
   static_cast<FwdParams&>(p) = make_fwd_params(q, k, v, mask, key_lengths, query_lengths, scale,
-                                               is_causal, window_left, window_right);
+                                               window_left, window_right);
   const ScalarType acc = accum_dtype(q.scalar_type());
   check_attention_tensor(grad_out, "grad_out");
   check_attention_tensor(out, "out");

@@ -133,12 +133,12 @@ struct FwdTile {
   // j - window_right <= i <= j + window_left.
   void finish_tile(int64_t i0, int64_t M, int64_t Mv, int64_t j0, int64_t N, const acc_t* bias_tile) {
     const int64_t wl = p.window_left, wr = p.window_right;
-    const bool cut = (wr >= 0 && j0 + N - 1 - wr > i0) || (wl >= 0 && j0 + wl + 1 < i0 + M);
+    const bool cut = j0 + N - 1 - wr > i0 || j0 + wl + 1 < i0 + M;
     if (!bias_tile && !cut) return;
     for (int64_t n = 0; n < N; ++n) {
       const int64_t j = j0 + n;
-      const int64_t lo = wr < 0 ? 0 : j - wr - i0;
-      const int64_t hi = wl < 0 ? M : std::min(M, j + wl + 1 - i0);
+      const int64_t lo = j - wr - i0;
+      const int64_t hi = std::min(M, j + wl + 1 - i0);
       finish_score_row(st.data() + n * BM, bias_tile ? bias_tile + n * BM : nullptr, M, Mv, lo, hi);
     }
   }

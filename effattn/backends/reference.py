@@ -1,16 +1,16 @@
-"""The reference math as a backend: serves every call, materialises (B, H, L, S)."""
+"""The reference math as a backend: serves every call it declares, materialises (B, H, L, S)."""
 from __future__ import annotations
 
-from .. import reference
-from ..spec import SUPPORTED_DTYPES
+from .. import reference, spec as S
 from .base import Backend
 
 
 class ReferenceBackend(Backend):
     name = "reference"
     devices = ("cpu", "cuda", "xpu", "mps", "meta")
-    dtypes = SUPPORTED_DTYPES
-    supports_mask_grad = True
+    dtypes = S.SUPPORTED_DTYPES
+    # Every feature reference.py implements; a new feature goes here once it does.
+    features = S.ALL_FEATURES & ~S.DROPOUT
     materializes_scores = True
 
     def forward(self, spec):

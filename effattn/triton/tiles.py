@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton forward and backward kernels.
+"""Pieces shared by the Triton forward and backward kernels: one rule each.
 
 Every kernel walks one block of rows (queries, or keys in the dK/dV kernel)
 against a range of blocks of the other side. Which (query i, key j) pairs are
@@ -7,11 +7,15 @@ visible is the spec's rule (effattn/spec.py):
     i < query_len  and  j < key_len  and  i - window_left <= j <= i + window_right
     and the dense mask allows it,
 
-with causal folded into window_right by the host (top-left aligned) and an
-unbounded side passed as UNBOUNDED (ops._window), so no flag is needed. ``block_ranges`` splits the blocks that may hold a
-visible pair into the ones where *every* pair is visible by the structure
-(lengths and window) and the edges, so the inner loop masks only the edges.
-Scores are kept in base 2 (scaled by log2(e)), so exp is exp2.
+with the spec's band as the window (causal folded in; a side may be negative)
+and an unbounded side passed as UNBOUNDED (ops._window), so no flag is
+needed. ``block_ranges`` splits the blocks that may hold a visible pair into
+the ones where *every* pair is visible by the structure (lengths and window)
+and the edges; each kernel walks the three runs with one loop over a
+constexpr stage (``stage_range``), masking only in the edge stages.
+``masked_scores`` is the one score rule (masks, bounds) of every kernel and
+``score_grad`` its backward twin. Scores are kept in base 2 (scaled by
+log2(e)), so exp is exp2.
 """
 import triton
 import triton.language as tl
@@ -29,6 +33,12 @@ def mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def head_ptr(base, b, h, stride_b, stride_h):
+    """The (batch b, head h) slice of a (B, H, rows, dim) tensor, in 64-bit offsets."""
+    return base + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
 
 
 @triton.jit
@@ -62,9 +72,48 @@ def block_ranges(row_first, row_last, lo, hi, near, far, col_len, BLOCK: tl.cons
 
 
 @triton.jit
+def stage_range(STAGE: tl.constexpr, lo, a, c, hi):
+    """The blocks of one stage of a walk: 0 the near edge [lo, a) and 2 the far edge
+    [c, hi), both masked by the structure; 1 the interior [a, c), which is not."""
+    if STAGE == 0:
+        return lo, a
+    elif STAGE == 1:
+        return a, c
+    else:
+        return c, hi
+
+
+@triton.jit
 def structure_visible(rows, cols, row_len, col_len, near, far):
     """Bool tile: rows (queries) and cols (keys) broadcast against each other."""
     return (rows < row_len) & (cols < col_len) & (cols >= rows - near) & (cols <= rows + far)
+
+
+@triton.jit
+def masked_scores(s, queries, keys, mask_base, stride_mm, stride_mn, L, S, query_len, key_len,
+                  window_left, window_right, STRUCTURE_MASK: tl.constexpr, MASK_KIND: tl.constexpr):
+    """The one score rule: a tile of base-2 scores (scale * log2 e already applied)
+    plus the float mask, and -inf wherever the bool mask or (STRUCTURE_MASK) the band
+    and lengths hide the pair. ``queries``, ``keys``: broadcast index tensors, in
+    either orientation (the dK/dV kernel's tiles are keys x queries)."""
+    if MASK_KIND == 2:
+        s += load_mask(mask_base, queries, keys, stride_mm, stride_mn, L, S, MASK_KIND)
+    if MASK_KIND == 1:
+        keep = load_mask(mask_base, queries, keys, stride_mm, stride_mn, L, S, MASK_KIND)
+        if STRUCTURE_MASK:
+            keep = keep & structure_visible(queries, keys, query_len, key_len, window_left, window_right)
+        s = tl.where(keep, s, float("-inf"))
+    elif STRUCTURE_MASK:
+        keep = structure_visible(queries, keys, query_len, key_len, window_left, window_right)
+        s = tl.where(keep, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def score_grad(p, dp, delta):
+    """The backward twin of the softmax over masked_scores: dS = P * (dP - delta),
+    delta = rowsum(dO * O) - dLSE broadcast along the keys (0 where P is)."""
+    return p * (dp - delta)
 
 
 @triton.jit
