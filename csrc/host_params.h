@@ -77,7 +77,10 @@ inline void check_rows(const Tensor& t, const char* name, const FwdParams& p) {
 // Outputs follow the layout of the input they mirror: dims 0..2 in the
 // input's stride order, last dim contiguous. Size-1 dims (whose strides mean
 // nothing) go outermost, so the rule does not depend on their strides.
-// effattn/ops.py implements the same rule for the fake (meta) kernels.
+// effattn/ops.py implements the same rule for the fake (meta) kernels; the
+// strides are those of a contiguous tensor in that dim order (size 0 counted
+// as 1, as torch counts it), so the two agree exactly. One allocation through
+// the C shim, no view op: this runs on every call.
 inline Tensor empty_in_layout_of(const Tensor& like, std::array<int64_t, 4> sizes,
                                  ScalarType dtype) {
   std::array<int64_t, 3> order = {0, 1, 2};
@@ -87,12 +90,22 @@ inline Tensor empty_in_layout_of(const Tensor& like, std::array<int64_t, 4> size
     if (a1) return false;     // keep natural order among size-1 dims
     return like.stride(a) > like.stride(b);
   });
-  std::array<int64_t, 4> physical = {sizes[order[0]], sizes[order[1]],
-                                     sizes[order[2]], sizes[3]};
-  Tensor t = torch::stable::new_empty(like, physical, dtype);
-  std::array<int64_t, 4> inverse = {0, 0, 0, 3};
-  for (int64_t i = 0; i < 3; ++i) inverse[order[i]] = i;
-  return torch::stable::permute(t, inverse);
+  std::array<int64_t, 4> strides = {0, 0, 0, 1};
+  int64_t extent = std::max<int64_t>(sizes[3], 1);
+  for (int64_t i = 2; i >= 0; --i) {  // innermost of dims 0..2 first
+    strides[order[i]] = extent;
+    extent *= std::max<int64_t>(sizes[order[i]], 1);
+  }
+  int32_t device_type = 0, device_index = 0;
+  STD_TORCH_CHECK(aoti_torch_get_device_type(like.get(), &device_type) == AOTI_TORCH_SUCCESS &&
+                      aoti_torch_get_device_index(like.get(), &device_index) == AOTI_TORCH_SUCCESS,
+                  "effattn: could not read a tensor's device");
+  const int32_t dtype_code = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
+  AtenTensorHandle out = nullptr;
+  STD_TORCH_CHECK(aoti_torch_empty_strided(4, sizes.data(), strides.data(), dtype_code, device_type,
+                                           device_index, &out) == AOTI_TORCH_SUCCESS,
+                  "effattn: could not allocate an output tensor");
+  return Tensor(out);
 }
 
 inline RowStrides row_strides(const Tensor& t) {

@@ -22,28 +22,24 @@ an 8 GB GPU train at 0.9x the length its tensors alone allow.
 import triton
 import triton.language as tl
 
-from .tiles import (block_ranges, head_ptr, masked_scores, mma, query_block_key_ranges, score_grad, sequence_lengths,
-                    stage_range)
+from .tiles import (block_ranges, head_ptr, masked_probabilities, mma, query_block, score_grad, sequence_lengths,
+                    row_block, stage_range, tile_offsets)
 
 
 @triton.jit(do_not_specialize=["H", "L"])
 def bwd_preprocess_kernel(
-    # ---- tensors: each pointer, then its strides in elements ----
-    O, stride_ob, stride_oh, stride_om,  # (B, H, L, Ev)
-    DO, stride_dob, stride_doh, stride_dom,  # (B, H, L, Ev)
-    LSE, DLSE, DELTA, LSE2,  # (B, H, L) float32 each, contiguous
+    # ---- pointers: out and its gradient (B, H, L, Ev); lse, its gradient, delta, lse2 (B, H, L)
+    # float32, contiguous ----
+    O, DO, LSE, DLSE, DELTA, LSE2,
+    # ---- strides in elements, (batch, head, row) of out and of its gradient ----
+    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
     # ---- sizes ----
     H, L,
     # ---- meta-parameters ----
     HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_DLSE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    b, h, bh, offs_m, offs_dv = row_block(H, BLOCK_M, HEAD_DIM_V_PAD)
     ok = (offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V)
     o = tl.load(head_ptr(O, b, h, stride_ob, stride_oh) + offs_m[:, None].to(tl.int64) * stride_om
                 + offs_dv[None, :], mask=ok, other=0.0)
@@ -81,9 +77,8 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, mask_base,
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
     # S^T (BLOCK_N, BLOCK_M): keys along rows, queries along columns
     st = mma(k, tl.trans(q), tl.zeros((k.shape[0], q.shape[0]), tl.float32), UPCAST, PRECISION) * qk_scale
-    st = masked_scores(st, offs_m[None, :], offs_n[:, None], mask_base, stride_mm, stride_mn, L, S, query_len,
-                       key_len, window_left, window_right, STRUCTURE_MASK, MASK_KIND)
-    pt = tl.math.exp2(st - lse2[None, :])
+    pt = masked_probabilities(st, lse2[None, :], offs_m[None, :], offs_n[:, None], mask_base, stride_mm, stride_mn,
+                              L, S, query_len, key_len, window_left, window_right, STRUCTURE_MASK, MASK_KIND)
     dv = mma(pt.to(do.dtype), do, dv, UPCAST, PRECISION)
     dpt = mma(v, tl.trans(do), tl.zeros((k.shape[0], q.shape[0]), tl.float32), UPCAST, PRECISION)
     dst = score_grad(pt, dpt, delta[None, :])
@@ -93,26 +88,18 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, mask_base,
 
 @triton.jit(do_not_specialize=["H", "HKV", "GROUP", "L", "S", "L_BUCKET", "S_BUCKET", "window_left", "window_right"])
 def bwd_dkdv_kernel(
-    # ---- tensors: each pointer, then its strides in elements (the last dim has stride 1) ----
-    Q, stride_qb, stride_qh, stride_qm,  # (B, H, L, E)
-    K, stride_kb, stride_kh, stride_kn,  # (B, HKV, S, E)
-    V, stride_vb, stride_vh, stride_vn,  # (B, HKV, S, Ev)
-    DO, stride_dob, stride_doh, stride_dom,  # (B, H, L, Ev)
-    DK, stride_dkb, stride_dkh, stride_dkn,  # like K
-    DV, stride_dvb, stride_dvh, stride_dvn,  # like V
-    LSE2, DELTA,  # (B, H, L) float32, contiguous
-    MASK, stride_mb, stride_mh, stride_mm, stride_mn,  # a broadcast view of (B, H, L, S)
-    KEY_LENGTHS, QUERY_LENGTHS,  # (B,) int64
-    # ---- sizes ----
-    H, HKV, GROUP, L, S,
-    L_BUCKET, S_BUCKET,  # powers of two, only for the autotune key
-    # ---- semantics ----
-    scale, qk_scale, window_left, window_right,
-    # ---- meta-parameters ----
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
+    # ---- pointers: q, k, v, the output's gradient; lse2 and delta (B, H, L) float32, contiguous;
+    # dk, dv (like k, v); the mask, a broadcast view of (B, H, L, S); the (B,) int64 lengths ----
+    Q, K, V, DO, LSE2, DELTA, DK, DV, MASK, KEY_LENGTHS, QUERY_LENGTHS,
+    # ---- strides in elements, (batch, head, row) of q, k, v, do, dk, dv, then the mask's 4 ----
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    # ---- sizes (the buckets: powers of two, only for the autotune key) and semantics ----
+    H, HKV, GROUP, L, S, L_BUCKET, S_BUCKET, scale, qk_scale, window_left, window_right,
+    # ---- meta-parameters: head dims (and padded), tile, lengths given, MASK_KIND 0 none / 1 bool / 2 float ----
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
     MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -189,9 +176,8 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m
     vt = tl.load(v_base + offs_n[None, :].to(tl.int64) * stride_vn + offs_dv[:, None],
                  mask=key_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
     s = mma(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, PRECISION) * qk_scale
-    s = masked_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, L, S, query_len,
-                      key_len, window_left, window_right, STRUCTURE_MASK, MASK_KIND)
-    p = tl.math.exp2(s - lse2[:, None])
+    p = masked_probabilities(s, lse2[:, None], offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, L,
+                             S, query_len, key_len, window_left, window_right, STRUCTURE_MASK, MASK_KIND)
     dp = mma(do, vt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, PRECISION)
     ds = score_grad(p, dp, delta[:, None])
     return mma(ds.to(q.dtype), tl.trans(kt), dq, UPCAST, PRECISION)
@@ -200,42 +186,25 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m
 @triton.jit(do_not_specialize=["H", "GROUP", "L", "S", "KEYS_PER_SPLIT", "L_BUCKET", "S_BUCKET", "window_left",
                                "window_right"])
 def bwd_dq_kernel(
-    # ---- tensors: each pointer, then its strides in elements (the last dim has stride 1) ----
-    Q, stride_qb, stride_qh, stride_qm,  # (B, H, L, E)
-    K, stride_kb, stride_kh, stride_kn,  # (B, HKV, S, E)
-    V, stride_vb, stride_vh, stride_vn,  # (B, HKV, S, Ev)
-    DO, stride_dob, stride_doh, stride_dom,  # (B, H, L, Ev)
-    DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqsplit,  # like Q, or (splits, B, H, L, E) float32
-    LSE2, DELTA,  # (B, H, L) float32, contiguous
-    MASK, stride_mb, stride_mh, stride_mm, stride_mn,  # a broadcast view of (B, H, L, S)
-    KEY_LENGTHS, QUERY_LENGTHS,  # (B,) int64
-    # ---- sizes ----
-    H, GROUP, L, S, KEYS_PER_SPLIT,
-    L_BUCKET, S_BUCKET,  # powers of two, only for the autotune key
-    # ---- semantics ----
-    scale, qk_scale, window_left, window_right,
-    # ---- meta-parameters ----
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
+    # ---- pointers: q, k, v, the output's gradient; lse2 and delta (B, H, L) float32, contiguous;
+    # dq (like q) or its per-split float32 partials (splits, B, H, L, E); the mask, a broadcast view
+    # of (B, H, L, S); the (B,) int64 lengths ----
+    Q, K, V, DO, LSE2, DELTA, DQ, MASK, KEY_LENGTHS, QUERY_LENGTHS,
+    # ---- strides in elements, (batch, head, row) of q, k, v, do, dq (+ split), then the mask's 4 ----
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm, stride_dqsplit,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    # ---- sizes (the buckets: powers of two, only for the autotune key) and semantics ----
+    H, GROUP, L, S, KEYS_PER_SPLIT, L_BUCKET, S_BUCKET, scale, qk_scale, window_left, window_right,
+    # ---- meta-parameters: head dims (and padded), tile, lengths given, MASK_KIND 0 none / 1 bool / 2 float ----
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
     MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    split = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-
-    query_len, key_len = sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S,
-                                          HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
-
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    b, h, hk, bh, split, m0, query_len, key_len, lo, a, c, hi = query_block(
+        KEY_LENGTHS, QUERY_LENGTHS, H, GROUP, L, S, KEYS_PER_SPLIT, window_left, window_right,
+        BLOCK_M, BLOCK_N, HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
+    offs_m, offs_n0, offs_d, offs_dv = tile_offsets(m0, BLOCK_M, BLOCK_N, HEAD_DIM_PAD, HEAD_DIM_V_PAD)
     row_ok = offs_m < L
 
     k_base = head_ptr(K, b, hk, stride_kb, stride_kh)
@@ -243,9 +212,6 @@ def bwd_dq_kernel(
     mask_base = MASK
     if MASK_KIND != 0:
         mask_base = head_ptr(MASK, b, h, stride_mb, stride_mh)
-
-    lo, a, c, hi = query_block_key_ranges(m0, split, KEYS_PER_SPLIT, query_len, key_len, window_left,
-                                          window_right, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros((BLOCK_M, HEAD_DIM_PAD), tl.float32)
     if hi > lo:

@@ -33,7 +33,7 @@ than it gains. Strides are, so row loads stay 16-byte vectors.
 import triton
 import triton.language as tl
 
-from .tiles import head_ptr, masked_scores, mma, query_block_key_ranges, sequence_lengths, stage_range
+from .tiles import head_ptr, masked_scores, mma, query_block, row_block, stage_range, tile_offsets
 
 
 @triton.jit
@@ -84,44 +84,25 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, tile_b, tile_h,
 @triton.jit(do_not_specialize=["H", "GROUP", "L", "S", "KEYS_PER_SPLIT", "L_BUCKET", "S_BUCKET", "window_left",
                                "window_right"])
 def attn_fwd_kernel(
-    # ---- tensors: each pointer, then its strides in elements (the last dim has stride 1) ----
-    Q, stride_qb, stride_qh, stride_qm,  # (B, H, L, E)
-    K, stride_kb, stride_kh, stride_kn,  # (B, HKV, S, E)
-    V, stride_vb, stride_vh, stride_vn,  # (B, HKV, S, Ev)
-    O, stride_ob, stride_oh, stride_om, stride_osplit,  # (B, H, L, Ev), or (splits, B, H, L, Ev)
-    LSE, stride_lsplit,  # (B, H, L), or (splits, B, H, L), contiguous
-    MASK, stride_mb, stride_mh, stride_mm, stride_mn,  # a broadcast view of (B, H, L, S)
-    KEY_LENGTHS, QUERY_LENGTHS,  # (B,) int64
-    # ---- sizes ----
-    H, GROUP, L, S, KEYS_PER_SPLIT,
-    L_BUCKET, S_BUCKET,  # powers of two, only for the autotune key
-    # ---- semantics ----
-    qk_scale,  # softmax scale * log2(e)
-    window_left, window_right,
-    # ---- meta-parameters ----
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
-    MASK_KIND: tl.constexpr,  # 0 none, 1 bool (uint8), 2 additive float
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr = False,
+    # ---- pointers: q, k, v (B, H or HKV, L or S, dim); out (B, H, L, Ev) or its per-split
+    # partials (splits, B, H, L, Ev); lse (B, H, L) or (splits, B, H, L), contiguous; the mask, a
+    # broadcast view of (B, H, L, S); the (B,) int64 lengths ----
+    Q, K, V, O, LSE, MASK, KEY_LENGTHS, QUERY_LENGTHS,
+    # ---- strides in elements, (batch, head, row) of q, k, v, out (+ split), then the mask's 4 ----
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om, stride_osplit, stride_lsplit, stride_mb, stride_mh, stride_mm, stride_mn,
+    # ---- sizes (the buckets: powers of two, only for the autotune key) and semantics (qk_scale:
+    # the softmax scale * log2 e) ----
+    H, GROUP, L, S, KEYS_PER_SPLIT, L_BUCKET, S_BUCKET, qk_scale, window_left, window_right,
+    # ---- meta-parameters: head dims (and padded), tile, lengths given, MASK_KIND 0 none / 1 bool / 2 float ----
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
+    MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    split = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-
-    query_len, key_len = sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S,
-                                          HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
-
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    b, h, hk, bh, split, m0, query_len, key_len, lo, a, c, hi = query_block(
+        KEY_LENGTHS, QUERY_LENGTHS, H, GROUP, L, S, KEYS_PER_SPLIT, window_left, window_right,
+        BLOCK_M, BLOCK_N, HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
+    offs_m, offs_n0, offs_d, offs_dv = tile_offsets(m0, BLOCK_M, BLOCK_N, HEAD_DIM_PAD, HEAD_DIM_V_PAD)
 
     k_base = head_ptr(K, b, hk, stride_kb, stride_kh)
     v_base = head_ptr(V, b, hk, stride_vb, stride_vh)
@@ -138,10 +119,6 @@ def attn_fwd_kernel(
     mask_base = MASK
     if MASK_KIND != 0:
         mask_base = head_ptr(MASK, b, h, stride_mb, stride_mh)
-
-    # ---- the key blocks these rows can see, within this split ----
-    lo, a, c, hi = query_block_key_ranges(m0, split, KEYS_PER_SPLIT, query_len, key_len, window_left,
-                                          window_right, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, HEAD_DIM_V_PAD), tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -173,10 +150,10 @@ def attn_fwd_kernel(
 
 @triton.jit(do_not_specialize=["H", "L", "NUM_SPLITS"])
 def merge_splits_kernel(
-    # ---- tensors ----
-    O_PART, LSE_PART,  # (splits, B, H, L, Ev) float32 and (splits, B, H, L), contiguous
-    O, stride_ob, stride_oh, stride_om,  # (B, H, L, Ev)
-    LSE,  # (B, H, L) contiguous
+    # ---- pointers ----
+    O_PART, LSE_PART, O, LSE,
+    # ---- strides ----
+    stride_ob, stride_oh, stride_om,
     # ---- sizes ----
     H, L, NUM_SPLITS,
     # ---- meta-parameters ----
@@ -186,12 +163,7 @@ def merge_splits_kernel(
 
     O_PART is (splits, B, H, L, HEAD_DIM_V) float32 contiguous, LSE_PART
     (splits, B, H, L); splits that saw no key have lse_s = -inf, weight 0."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    b, h, bh, offs_m, offs_dv = row_block(H, BLOCK_M, HEAD_DIM_V_PAD)
     row_ok = offs_m < L
     part = bh.to(tl.int64) * L + offs_m  # row index into one split's (B*H*L)
     n_rows = tl.num_programs(1).to(tl.int64) * L

@@ -57,17 +57,25 @@ def _num_splits(n_programs: int, S: int, device: torch.device) -> int:
     return max(1, min(want, triton.cdiv(S, SPLIT_CHUNK)))
 
 
-def _rows(t: Tensor):
-    """A (B, H, rows, dim) tensor as the kernels take it: the pointer, then its batch,
-    head and row strides (the last dim is contiguous)."""
-    return t, t.stride(0), t.stride(1), t.stride(2)
+def _key_splits(n_programs: int, L: int, S: int, device: torch.device, d_pad: int, elem: int, smem: int,
+                masked: bool):
+    """The split-keys launch of the forward and dQ kernels (flash-decoding) for short queries:
+    (splits, keys per split, (BLOCK_M, BLOCK_N, warps, stages)), or (1, S, None) for the plain one."""
+    splits = _num_splits(n_programs, S, device) if L <= configs.SHORT_QUERY_ROWS else 1
+    if splits == 1:
+        return 1, S, None
+    per_split = triton.cdiv(triton.cdiv(S, splits), SPLIT_CHUNK) * SPLIT_CHUNK
+    return triton.cdiv(S, per_split), per_split, configs.short(d_pad, elem, INTERPRET, smem, masked)
 
 
-def _split_rows(t: Tensor):
-    """A (splits, B, H, rows, dim) tensor of per-split partials: the pointer, its batch,
-    head and row strides, then the split stride. (The whole tensor, not a view of split
-    0: under torch.compile the kernel's written argument must be what it writes.)"""
-    return t, t.stride(1), t.stride(2), t.stride(3), t.stride(0)
+def _strides(t: Tensor):
+    """The (batch, head, row) strides of a (B, H, rows, dim) tensor, as every kernel takes
+    them (the last dim is contiguous); for (splits, B, H, rows, dim) per-split partials, those
+    and then the split stride. (The kernels get the whole partials tensor, not a view of split
+    0: under torch.compile a kernel's written argument must be what it writes.)"""
+    if t.dim() == 5:
+        return t.stride(1), t.stride(2), t.stride(3), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def _common(q: Tensor, k: Tensor, v: Tensor, key_lengths, query_lengths, mask, variant: int, backward=None):
@@ -83,12 +91,10 @@ def _common(q: Tensor, k: Tensor, v: Tensor, key_lengths, query_lengths, mask, v
         PRECISION="ieee" if q.dtype == torch.float32 and variant & FP32_IEEE else "tf32",
     )
     # unused pointer slots get any tensor (never read: their flags are off); a bool mask is read as uint8
-    if mask is None:
-        mask_args = (q, 0, 0, 0, 0)
-    else:
-        mask_args = (mask.view(torch.uint8) if mask.dtype == torch.bool else mask, *mask.stride())
-    lengths = (key_lengths if key_lengths is not None else q, query_lengths if query_lengths is not None else q)
-    return (B, H, HKV, L, S, EV), meta, mask_args + lengths
+    pointers = (q if mask is None else mask.view(torch.uint8) if mask.dtype == torch.bool else mask,
+                key_lengths if key_lengths is not None else q, query_lengths if query_lengths is not None else q)
+    mask_strides = (0, 0, 0, 0) if mask is None else tuple(mask.stride())
+    return (B, H, HKV, L, S, EV), meta, pointers, mask_strides
 
 
 def _long(L, S) -> bool:
@@ -138,7 +144,8 @@ def _tma_scratch(device: torch.device):
 def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_lengths: Optional[Tensor],
                query_lengths: Optional[Tensor], scale: float, window_left: Optional[int],
                window_right: Optional[int], variant: int) -> Tuple[Tensor, Tensor]:
-    (B, H, HKV, L, S, EV), meta, mask_and_lengths = _common(q, k, v, key_lengths, query_lengths, mask, variant)
+    (B, H, HKV, L, S, EV), meta, mask_and_lengths, mask_strides = _common(q, k, v, key_lengths, query_lengths,
+                                                                          mask, variant)
     out = empty_in_layout_of(q, (B, H, L, EV), q.dtype)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if B * H * L == 0:
@@ -147,21 +154,20 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_leng
     # configs are sized by the wider head dim and the device's shared memory per block
     d_pad, smem = max(meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"]), configs.smem_limit(q.device)
     semantics = (scale * LOG2E, _window(window_left), _window(window_right))
-    splits = _num_splits(B * H, S, q.device) if L <= configs.SHORT_QUERY_ROWS else 1
+    splits, per_split, short = _key_splits(B * H, L, S, q.device, d_pad, elem, smem, mask is not None)
     if splits > 1:
-        bm, bn, w, st = configs.short(d_pad, elem, INTERPRET, smem, mask is not None)
-        per_split = triton.cdiv(triton.cdiv(S, splits), SPLIT_CHUNK) * SPLIT_CHUNK
-        splits = triton.cdiv(S, per_split)
+        bm, bn, w, st = short
         o_part = torch.empty((splits, B, H, L, EV), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((splits, B, H, L), dtype=torch.float32, device=q.device)
         wrap_triton(attn_fwd_kernel)[(triton.cdiv(L, bm), B * H, splits)](
-            *_rows(q), *_rows(k), *_rows(v), *_split_rows(o_part), lse_part, lse_part.stride(0),
-            *mask_and_lengths, H, H // HKV, L, S, per_split, _bucket(L), _bucket(S), *semantics,
+            q, k, v, o_part, lse_part, *mask_and_lengths,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o_part), lse_part.stride(0), *mask_strides,
+            H, H // HKV, L, S, per_split, _bucket(L), _bucket(S), *semantics,
             # every argument, defaults included: torch.compile reads the kernel's IR for the
             # tensors it writes, and without one it assumes all (and copies q, k, v first)
             USE_TMA=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **meta)
         wrap_triton(merge_splits_kernel)[(triton.cdiv(L, 16), B * H)](
-            o_part, lse_part, *_rows(out), lse, H, L, splits,
+            o_part, lse_part, out, lse, *_strides(out), H, L, splits,
             HEAD_DIM_V=EV, HEAD_DIM_V_PAD=meta["HEAD_DIM_V_PAD"], BLOCK_M=16, num_warps=4)
         return out, lse
     use_tma = _use_tma(q, k, v, meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"], variant)
@@ -171,8 +177,9 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_leng
                                      mask is not None)
     grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H, 1)  # noqa: E731
     wrap_triton(kernel)[grid](
-        *_rows(q), *_rows(k), *_rows(v), *_rows(out), 0, lse, 0,
-        *mask_and_lengths, H, H // HKV, L, S, max(S, 1), _bucket(L), _bucket(S), *semantics,
+        q, k, v, out, lse, *mask_and_lengths,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), 0, 0, *mask_strides,
+        H, H // HKV, L, S, max(S, 1), _bucket(L), _bucket(S), *semantics,
         USE_TMA=use_tma, **meta, **(fixed or {}))
     return out, lse
 
@@ -182,7 +189,7 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
                lse: Tensor, mask: Optional[Tensor], key_lengths: Optional[Tensor],
                query_lengths: Optional[Tensor], scale: float, window_left: Optional[int],
                window_right: Optional[int], variant: int) -> Tuple[Tensor, Tensor, Tensor]:
-    (B, H, HKV, L, S, EV), meta, mask_and_lengths = _common(
+    (B, H, HKV, L, S, EV), meta, mask_and_lengths, mask_strides = _common(
         q, k, v, key_lengths, query_lengths, mask, variant,
         dict(grad_out=grad_out, grad_lse=grad_lse, out=out, lse=lse))
     E = q.shape[3]
@@ -201,7 +208,7 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
     lse2 = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     dlse = grad_lse.to(torch.float32).contiguous() if grad_lse is not None else lse
     wrap_triton(bwd_preprocess_kernel)[(triton.cdiv(L, 64), B * H)](
-        *_rows(out), *_rows(grad_out), lse, dlse, delta, lse2, H, L,
+        out, grad_out, lse, dlse, delta, lse2, *_strides(out), *_strides(grad_out), H, L,
         HEAD_DIM_V=EV, HEAD_DIM_V_PAD=meta["HEAD_DIM_V_PAD"], BLOCK_M=64, HAS_DLSE=grad_lse is not None,
         num_warps=4)
 
@@ -210,19 +217,19 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
                                      mask is not None)
     grid = lambda META: (triton.cdiv(S, META["BLOCK_N"]), B * HKV)  # noqa: E731
     wrap_triton(kernel)[grid](
-        *_rows(q), *_rows(k), *_rows(v), *_rows(grad_out), *_rows(dk), *_rows(dv), lse2, delta,
-        *mask_and_lengths, H, HKV, H // HKV, L, S, *buckets, *semantics, **meta, **(fixed or {}))
+        q, k, v, grad_out, lse2, delta, dk, dv, *mask_and_lengths,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv), *mask_strides,
+        H, HKV, H // HKV, L, S, *buckets, *semantics, **meta, **(fixed or {}))
 
     # ---- 3. dQ: one program per query block (and key split, for short queries) ----
-    splits = _num_splits(B * H, S, q.device) if L <= configs.SHORT_QUERY_ROWS else 1
+    splits, per_split, short = _key_splits(B * H, L, S, q.device, d_pad, elem, smem, mask is not None)
     if splits > 1:
-        bm, bn, w, st = configs.short(d_pad, elem, INTERPRET, smem, mask is not None)
-        per_split = triton.cdiv(triton.cdiv(S, splits), SPLIT_CHUNK) * SPLIT_CHUNK
-        splits = triton.cdiv(S, per_split)
+        bm, bn, w, st = short
         dq_part = torch.empty((splits, B, H, L, E), dtype=torch.float32, device=q.device)
         wrap_triton(bwd_dq_kernel)[(triton.cdiv(L, bm), B * H, splits)](
-            *_rows(q), *_rows(k), *_rows(v), *_rows(grad_out), *_split_rows(dq_part), lse2, delta,
-            *mask_and_lengths, H, H // HKV, L, S, per_split, *buckets, *semantics,
+            q, k, v, grad_out, lse2, delta, dq_part, *mask_and_lengths,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq_part), *mask_strides,
+            H, H // HKV, L, S, per_split, *buckets, *semantics,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **meta)
         dq.copy_(dq_part.sum(0))
         return dq, dk, dv
@@ -230,8 +237,9 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
                                      mask is not None)
     grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H, 1)  # noqa: E731
     wrap_triton(kernel)[grid](
-        *_rows(q), *_rows(k), *_rows(v), *_rows(grad_out), *_rows(dq), 0, lse2, delta,
-        *mask_and_lengths, H, H // HKV, L, S, max(S, 1), *buckets, *semantics, **meta, **(fixed or {}))
+        q, k, v, grad_out, lse2, delta, dq, *mask_and_lengths,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq), 0, *mask_strides,
+        H, H // HKV, L, S, max(S, 1), *buckets, *semantics, **meta, **(fixed or {}))
     return dq, dk, dv
 
 

@@ -13,8 +13,8 @@ needed. ``block_ranges`` splits the blocks that may hold a visible pair into
 the ones where *every* pair is visible by the structure (lengths and window)
 and the edges; each kernel walks the three runs with one loop over a
 constexpr stage (``stage_range``), masking only in the edge stages.
-``masked_scores`` is the one score rule (masks, bounds) of every kernel and
-``score_grad`` its backward twin. Scores are kept in base 2 (scaled by
+``masked_scores`` is the one score rule (masks, bounds), ``masked_probabilities``
+its backward twin (P recomputed from the LSE) and ``score_grad`` dS. Scores are kept in base 2 (scaled by
 log2(e)), so exp is exp2.
 """
 import triton
@@ -90,23 +90,48 @@ def structure_visible(rows, cols, row_len, col_len, near, far):
 
 
 @triton.jit
-def masked_scores(s, queries, keys, mask_base, stride_mm, stride_mn, L, S, query_len, key_len,
-                  window_left, window_right, STRUCTURE_MASK: tl.constexpr, MASK_KIND: tl.constexpr):
-    """The one score rule: a tile of base-2 scores (scale * log2 e already applied)
-    plus the float mask, and -inf wherever the bool mask or (STRUCTURE_MASK) the band
-    and lengths hide the pair. ``queries``, ``keys``: broadcast index tensors, in
-    either orientation (the dK/dV kernel's tiles are keys x queries)."""
-    if MASK_KIND == 2:
-        s += load_mask(mask_base, queries, keys, stride_mm, stride_mn, L, S, MASK_KIND)
+def visible(queries, keys, mask_base, stride_mm, stride_mn, L, S, query_len, key_len, window_left, window_right,
+            STRUCTURE_MASK: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Bool tile: the pairs neither the bool mask nor (STRUCTURE_MASK) the band and lengths
+    hide. For calls with MASK_KIND == 1 or STRUCTURE_MASK only. ``queries``, ``keys``:
+    broadcast index tensors, in either orientation (the dK/dV kernel's tiles are keys x
+    queries)."""
     if MASK_KIND == 1:
         keep = load_mask(mask_base, queries, keys, stride_mm, stride_mn, L, S, MASK_KIND)
         if STRUCTURE_MASK:
             keep = keep & structure_visible(queries, keys, query_len, key_len, window_left, window_right)
-        s = tl.where(keep, s, float("-inf"))
-    elif STRUCTURE_MASK:
+    else:
         keep = structure_visible(queries, keys, query_len, key_len, window_left, window_right)
-        s = tl.where(keep, s, float("-inf"))
+    return keep
+
+
+@triton.jit
+def masked_scores(s, queries, keys, mask_base, stride_mm, stride_mn, L, S, query_len, key_len,
+                  window_left, window_right, STRUCTURE_MASK: tl.constexpr, MASK_KIND: tl.constexpr):
+    """The one score rule (the forward's): a tile of base-2 scores (scale * log2 e already
+    applied) plus the float mask, and -inf wherever the bool mask or (STRUCTURE_MASK) the
+    band and lengths hide the pair."""
+    if MASK_KIND == 2:
+        s += load_mask(mask_base, queries, keys, stride_mm, stride_mn, L, S, MASK_KIND)
+    if MASK_KIND == 1 or STRUCTURE_MASK:
+        s = tl.where(visible(queries, keys, mask_base, stride_mm, stride_mn, L, S, query_len, key_len, window_left,
+                             window_right, STRUCTURE_MASK, MASK_KIND), s, float("-inf"))
     return s
+
+
+@triton.jit
+def masked_probabilities(s, lse2, queries, keys, mask_base, stride_mm, stride_mn, L, S, query_len, key_len,
+                         window_left, window_right, STRUCTURE_MASK: tl.constexpr, MASK_KIND: tl.constexpr):
+    """The backward twin of masked_scores: the probabilities P = exp2(s + mask - lse2)
+    recomputed from the saved base-2 LSE (lse2 broadcast along the keys; +inf for a row that
+    saw no key, so P = 0 there), 0 wherever masked_scores put -inf."""
+    if MASK_KIND == 2:
+        s += load_mask(mask_base, queries, keys, stride_mm, stride_mn, L, S, MASK_KIND)
+    p = tl.math.exp2(s - lse2)
+    if MASK_KIND == 1 or STRUCTURE_MASK:
+        p = tl.where(visible(queries, keys, mask_base, stride_mm, stride_mn, L, S, query_len, key_len, window_left,
+                             window_right, STRUCTURE_MASK, MASK_KIND), p, 0.0)
+    return p
 
 
 @triton.jit
@@ -144,6 +169,46 @@ def sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S,
     if HAS_QUERY_LENGTHS:
         query_len = clamp_length(QUERY_LENGTHS, b, L)
     return query_len, key_len
+
+
+@triton.jit
+def query_block(KEY_LENGTHS, QUERY_LENGTHS, H, GROUP, L, S, keys_per_split, window_left, window_right,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+                HAS_QUERY_LENGTHS: tl.constexpr):
+    """The prologue of the kernels that walk key blocks for one block of queries (the
+    forward, dQ): grid (query block, batch * head, key split). Returns the batch b, head h,
+    kv head hk, bh = b * H + h, the split, the block's first row m0, the sequence lengths
+    and the key blocks it sees in its split, (lo, a, c, hi): masked [lo, a), interior
+    [a, c), masked [c, hi)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    query_len, key_len = sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S, HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
+    m0 = pid_m * BLOCK_M
+    lo, a, c, hi = query_block_key_ranges(m0, split, keys_per_split, query_len, key_len, window_left, window_right,
+                                          BLOCK_M, BLOCK_N)
+    return b, h, hk, bh, split, m0, query_len, key_len, lo, a, c, hi
+
+
+@triton.jit
+def row_block(H, BLOCK_M: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr):
+    """The prologue of the per-row kernels (grid: row block, batch * head): (b, h, bh, the
+    block's rows, the value head dim's index vector)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    return bh // H, bh % H, bh, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM_V_PAD)
+
+
+@triton.jit
+def tile_offsets(m0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 HEAD_DIM_V_PAD: tl.constexpr):
+    """The index vectors of a query block's tiles: its rows, a key block's columns (from 0),
+    the head dim's and the value head dim's."""
+    return (m0 + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM_PAD),
+            tl.arange(0, HEAD_DIM_V_PAD))
 
 
 @triton.jit
