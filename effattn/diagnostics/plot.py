@@ -87,10 +87,8 @@ def time_figure(panels: Dict[str, List[Optional[List[float]]]], path: str, decad
 
 def _colormap():
     from matplotlib import colormaps
-    cmap = colormaps["viridis"].copy()
-    cmap.set_under("black")  # exact zeros and anything more than `decades` below
-    cmap.set_bad("lightgrey")  # steps without a record
-    return cmap
+    # under: exact zeros and anything more than `decades` below; bad: steps without a record
+    return colormaps["viridis"].with_extremes(under="black", bad="lightgrey")
 
 
 def layers_figure(report, path: str) -> str:
