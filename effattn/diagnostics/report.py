@@ -75,7 +75,8 @@ class LayerRecord:
 class TimeRecord:
     """Per-timestep gradient norms of one sequence: ``norms[step][t]`` = ||dL/dh_t||, None for a
     step where it got no gradient. ``time_dim`` is the dim read as time, or "packed" for a
-    PackedSequence. The statistics describe one step (default: the last one recorded)."""
+    PackedSequence. The statistics describe one step (default: the last one recorded); T is the
+    last timestep with a gradient (trailing timesteps with exactly zero gradient are padding)."""
     name: str
     kind: str
     time_dim: object
@@ -91,14 +92,12 @@ class TimeRecord:
         return stats.decay_per_step(self.at(step))
 
     def first_below(self, step: int = -1, fraction: float = TIME_FRACTION) -> Optional[int]:
-        """0-based timestep, going back from the last, whose norm first falls below ``fraction``
-        of the last timestep's."""
+        """0-based timestep, going back from T, whose norm first falls below ``fraction`` of T's."""
         return stats.first_below(self.at(step), fraction)
 
     def ratio_first_last(self, step: int = -1) -> Optional[float]:
-        """||g_1|| / ||g_T||."""
-        g = self.at(step)
-        return g[0] / g[-1] if len(g) >= 1 and g[-1] else None
+        """||g_1|| / ||g_T||, T the last timestep with a gradient (later ones are padding)."""
+        return stats.ratio_first_last(self.at(step))
 
     def trend(self, step: int = -1) -> str:
         """"vanishing", "exploding", "steady" or "unknown": stats.trend."""
@@ -184,13 +183,13 @@ class Report:
             g = rec.at()
             if len(g) < 2:
                 continue
-            T, factor, below, ratio, trend = len(g), rec.decay_per_step(), rec.first_below(), \
-                rec.ratio_first_last(), rec.trend()
+            T, last, factor, below, ratio, trend = len(g), stats.last_with_gradient(g), rec.decay_per_step(), \
+                rec.first_below(), rec.ratio_first_last(), rec.trend()
             per_step = "no fit" if factor is None else f"x{factor:.4g} per step going back"
             ends = "" if ratio is None else f", ||g_1||/||g_T|| = {ratio:.2e}"
             if trend == "vanishing":
                 where = "" if below is None else (f" falls below {TIME_FRACTION:g} of the last timestep's at "
-                                                  f"timestep {below + 1} of {T} ({_steps_back(T - 1 - below)});")
+                                                  f"timestep {below + 1} of {T} ({_steps_back(last - below)});")
                 dying.append(f"Through time, the gradient of {rec.name}{where} vanishing: {per_step}{ends}.")
             elif trend == "exploding":
                 dying.append(f"Through time, the gradient of {rec.name} is exploding: {per_step}{ends}.")
@@ -207,7 +206,7 @@ class Report:
         then warnings (dying units, saturation), then the sequences that are fine."""
         dying_in_time, fine = self._time_findings()
         dies = self._dead_activations() + self._dead_gradients() + dying_in_time
-        lines = dies or ["No layer or timestep where the signal dies: every recorded gradient is within "
+        lines = dies or ["No layer or timestep where the signal dies: no recorded gradient is below "
                          f"{VANISHED_RATIO:g} of the model output's, no layer's outputs are "
                          f"{DEAD_OUTPUTS:.0%} zero."]
         return "\n".join(lines + self._warnings() + fine)

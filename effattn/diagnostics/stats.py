@@ -77,12 +77,15 @@ def time_norms(g: Tensor, time_dim: int) -> Tensor:
 
 
 def packed_time_norms(data: Tensor, batch_sizes: Tensor) -> Tensor:
-    """(T,) per-timestep norms of a PackedSequence's ``data``: its rows are time-major, the first
-    ``batch_sizes[0]`` rows are step 0, and so on."""
+    """(T,) per-timestep norms of a PackedSequence's ``data`` (time-major rows: the first
+    ``batch_sizes[0]`` are step 0, and so on), as if the whole batch had every step: the norm over
+    the B_t sequences that reach step t is scaled by sqrt(B / B_t), i.e. their RMS times sqrt(B).
+    Without it the norm would fall at late steps only because fewer sequences are that long."""
     rows = norm(data, list(range(1, data.dim()))) if data.dim() > 1 else data.to(torch.float64).abs()
     per_step = torch.split(rows, batch_sizes.tolist())
-    padded = torch.nn.utils.rnn.pad_sequence(list(per_step), batch_first=True)  # (T, B0)
-    return norm(padded, [1])
+    padded = torch.nn.utils.rnn.pad_sequence(list(per_step), batch_first=True)  # (T, B), zeros past B_t
+    present = batch_sizes.to(device=rows.device, dtype=torch.float64)
+    return norm(padded, [1]) * (present[0] / present).sqrt()
 
 
 # ---------------------------------------------------------------------------
@@ -109,26 +112,35 @@ def decay_per_step(norms: Sequence[float]) -> Optional[float]:
     return math.exp(-slope)
 
 
+def last_with_gradient(norms: Sequence[float]) -> Optional[int]:
+    """The last timestep whose gradient is finite and > 0: where the loss enters. Later timesteps
+    with exactly zero gradient are padding (a padded batch's last steps) and are left out."""
+    ts = _usable(norms)
+    return ts[-1] if ts else None
+
+
 def reference_norm(norms: Sequence[float]) -> float:
-    """What the other timesteps are compared with: the last timestep's norm (where a loss on the
-    final output enters), or the largest norm when the last one is zero."""
-    last = norms[-1] if norms else 0.0
-    if last is not None and math.isfinite(last) and last > 0:
-        return last
-    finite = [g for g in norms if g is not None and math.isfinite(g)]
-    return max(finite, default=0.0)
+    """What the other timesteps are compared with: the norm at ``last_with_gradient`` (0 if none)."""
+    last = last_with_gradient(norms)
+    return 0.0 if last is None else norms[last]
 
 
 def first_below(norms: Sequence[float], fraction: float = 1e-3) -> Optional[int]:
-    """Going back from the last timestep, the first timestep t (0-based) whose gradient norm is
-    below ``fraction`` of the reference (``reference_norm``); None if none is."""
-    ref = reference_norm(norms)
-    if ref <= 0:
+    """Going back from ``last_with_gradient``, the first timestep t (0-based) whose gradient norm is
+    below ``fraction`` of the norm there; None if none is."""
+    last = last_with_gradient(norms)
+    if last is None:
         return None
-    for t in range(len(norms) - 2, -1, -1):
-        if norms[t] is not None and norms[t] < fraction * ref:
+    for t in range(last - 1, -1, -1):
+        if norms[t] is not None and norms[t] < fraction * norms[last]:
             return t
     return None
+
+
+def ratio_first_last(norms: Sequence[float]) -> Optional[float]:
+    """||g_1|| / ||g_T||, T the last timestep with a gradient; None without one."""
+    ref = reference_norm(norms)
+    return norms[0] / ref if ref > 0 and norms[0] is not None else None
 
 
 def fitted_span(norms: Sequence[float]) -> int:
@@ -140,14 +152,14 @@ def fitted_span(norms: Sequence[float]) -> int:
 def trend(norms: Sequence[float], change: float = 100.0) -> str:
     """"vanishing" when the fitted decay shrinks the gradient more than ``change``-fold over the
     fitted span, "exploding" when it grows more than ``change``-fold, "steady" otherwise;
-    "last only" when only the last timestep gets any gradient (e.g. an RNN's output sequence of
-    which the loss reads the last step: not a decay, there is no path); "unknown" with fewer than
-    two timesteps."""
+    "last only" when only one timestep (not the first) gets any gradient (e.g. an RNN's output
+    sequence of which the loss reads the last step: not a decay, there is no path); "unknown" with
+    fewer than two timesteps."""
     if len(norms) < 2:
         return "unknown"
     factor = decay_per_step(norms)
     if factor is None:
-        return "last only" if _usable(norms) == [len(norms) - 1] else "unknown"
+        return "last only" if len(_usable(norms)) == 1 and _usable(norms)[0] > 0 else "unknown"
     log_total = fitted_span(norms) * math.log(factor)  # log of the fitted change over the span
     if log_total < -math.log(change):
         return "vanishing"
