@@ -267,3 +267,18 @@ def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(ImportError, match=r"Report.plot needs matplotlib \(pip install matplotlib\)"):
         report.plot(str(tmp_path / "x"))
+
+
+def test_trailing_zero_timesteps_are_padding():
+    norms = [1e-4, 1e-2, 1.0, 0.0, 0.0]  # a padded batch: the last two steps get no gradient
+    assert stats.last_with_gradient(norms) == 2
+    assert stats.ratio_first_last(norms) == 1e-4
+    assert stats.first_below(norms) == 0
+    assert stats.decay_per_step(norms) == pytest.approx(0.01)
+    assert stats.trend(norms) == "vanishing"
+
+
+def test_packed_norms_count_every_timestep_as_the_whole_batch():
+    batch_sizes = torch.tensor([4, 3, 1])  # 3 steps; 4 sequences reach step 0, 3 step 1, 1 step 2
+    data = torch.ones(int(batch_sizes.sum()), 2)
+    assert stats.packed_time_norms(data, batch_sizes).tolist() == pytest.approx([math.sqrt(8)] * 3)

@@ -20,17 +20,37 @@ TANH_SATURATED = 0.99
 SIGMOID_SATURATED = 0.01
 
 
-def norm(x: Tensor, dims: Sequence[int] = ()) -> Tensor:
-    """L2 norm of ``x`` over ``dims`` (all dims when empty), float64, without under/overflow."""
-    dims = list(dims) if dims else list(range(x.dim()))
-    if x.dim() == 0:
-        return x.detach().to(torch.float64).abs()
-    if x.dtype != torch.float64:
-        return torch.linalg.vector_norm(x, dim=dims, dtype=torch.float64)
+# A norm computed the fast way (squares in the input's precision) is exact to rounding when it
+# lands in this range: below it, squares of small entries may have underflowed and counted as 0;
+# above it, squares may have overflowed.
+_FAST_RANGE = {torch.float64: (1e-140, 1e140)}
+_FAST_RANGE_DEFAULT = (1e-12, 1e12)  # float32 squares: normal down to 1e-38, finite up to 3e38
+
+
+def _exact_norm(x: Tensor, dims: List[int]) -> Tensor:
+    """float64 norm over ``dims``, each slice divided by its largest magnitude first."""
+    x = x.to(torch.float64)
     peak = x.abs().amax(dim=dims, keepdim=True)
     peak = torch.where(peak > 0, peak, torch.ones_like(peak))
     return torch.linalg.vector_norm(x / peak, dim=dims) * peak.reshape(
         [s for d, s in enumerate(peak.shape) if d not in dims])
+
+
+def norm(x: Tensor, dims: Sequence[int] = ()) -> Tensor:
+    """L2 norm of ``x`` over ``dims`` (all dims when empty), float64, without under/overflow.
+
+    On the CPU a whole-tensor norm is first computed the fast way (one pass) and redone exactly
+    only when it falls outside the range where the fast way is exact (a host check, free there);
+    elsewhere, and over some dims (per-timestep norms span hundreds of decades), always exactly."""
+    x = x.detach()
+    if x.dim() == 0:
+        return x.to(torch.float64).abs()
+    if not dims and x.device.type == "cpu":
+        fast = torch.linalg.vector_norm(x)
+        low, high = _FAST_RANGE.get(x.dtype, _FAST_RANGE_DEFAULT)
+        if low <= float(fast) <= high:
+            return fast.to(torch.float64)
+    return _exact_norm(x, list(dims) if dims else list(range(x.dim())))
 
 
 def unit_dim(x: Tensor, override: Optional[int] = None) -> int:
@@ -46,18 +66,27 @@ def unit_dim(x: Tensor, override: Optional[int] = None) -> int:
     return x.dim() - 1 if x.dim() == 3 else 1
 
 
+def _per_unit(x: Tensor, units_at: int, reduce) -> Tensor:
+    """``reduce`` over every dim but ``units_at``: the dims after it first, flattened (contiguous
+    and fast in the usual layouts), then those before it."""
+    if units_at < x.dim() - 1:
+        x = reduce(x.flatten(units_at + 1), dim=units_at + 1)
+    if units_at > 0:
+        x = reduce(x.flatten(0, units_at - 1), dim=0)
+    return x
+
+
 def zero_stats(x: Tensor, units_at: int) -> Dict[str, Tensor]:
     """Exactly-zero entries of ``x``: their fraction (``zero``), and the fraction of units that are
-    zero everywhere over the batch (and positions), i.e. dead (``dead``). 0-dim tensors."""
-    zero = x == 0
+    zero everywhere over the batch (and positions), i.e. dead (``dead``). 0-dim tensors; NaN
+    entries make ``zero`` NaN."""
+    nonzero = x.detach().sign().abs_()  # 1 where x != 0 (a float count: faster than a bool sum)
     if x.dim() == 0:
-        z = zero.to(torch.float64)
+        z = 1.0 - nonzero.to(torch.float64)
         return {"zero": z, "dead": z}
-    others = [d for d in range(x.dim()) if d != units_at]
-    per_unit = zero.sum(dim=others) if others else zero.long()
-    per_unit_total = x.numel() // max(1, x.shape[units_at])
-    return {"zero": per_unit.sum().to(torch.float64) / max(1, x.numel()),
-            "dead": (per_unit == per_unit_total).to(torch.float64).mean()}
+    per_unit = _per_unit(nonzero, units_at, torch.sum)
+    return {"zero": 1.0 - per_unit.sum().to(torch.float64) / max(1, x.numel()),
+            "dead": (per_unit == 0).to(torch.float64).mean()}
 
 
 def saturated_fraction(x: Tensor, kind: str) -> Tensor:
