@@ -149,6 +149,8 @@ def test_watch_records_a_tensor_through_time():
         flow.step()
     seq = flow.report().sequences["x"]
     assert seq.decay_per_step() == pytest.approx(0.7, rel=1e-3)
+    # check(time_dim=...) does the same for the model's input
+    assert check(LastStep(rnn), x.detach(), time_dim=1).sequences["(input)"].decay_per_step() == pytest.approx(0.7, rel=1e-3)
     with pytest.raises(ValueError, match="requires_grad_"):
         with GradientFlow() as flow:
             flow.watch(torch.randn(3), "no grad")

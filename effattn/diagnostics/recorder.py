@@ -357,6 +357,8 @@ class GradientFlow:
         for handle in self._tensor_handles:  # this step's tensors: a late backward must not count
             handle.remove()
         self._tensor_handles = []
-        self._losses.append(float(loss) if loss is not None else math.nan)
+        if isinstance(loss, Tensor):
+            loss = loss.detach()
+        self._losses.append(math.nan if loss is None else float(loss))
         self._calls.clear()
         self._dirty = False
