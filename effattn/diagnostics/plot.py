@@ -7,6 +7,7 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 from . import stats
+from .report import VANISHED_RATIO
 
 
 def _figure(width: float, height: float):
@@ -103,9 +104,12 @@ def layers_figure(report, path: str) -> str:
     y = np.arange(len(names))
     with np.errstate(divide="ignore"):
         logs = np.log10(ratio)
-    floor = np.nanmin(np.where(np.isfinite(logs), logs, np.nan)) if np.isfinite(logs).any() else 0.0
+    threshold = math.log10(VANISHED_RATIO)
+    floor = min([threshold] + [float(v) for v in logs if np.isfinite(v)])
+    # exactly zero (log -inf): a black bar past everything else and past the threshold
     left.barh(y, np.where(np.isfinite(logs), logs, floor - 1), color=np.where(np.isfinite(logs), "tab:blue", "black"))
-    left.axvline(math.log10(1e-3), color="tab:red", lw=0.8, ls="--")
+    left.axvline(threshold, color="tab:red", lw=0.8, ls="--", label=f"{VANISHED_RATIO:g}: vanished")
+    left.legend(fontsize=7, loc="lower left")
     left.set_yticks(y, names, fontsize=7)
     left.invert_yaxis()
     left.set_xlabel("log10 grad norm / output's (black: exactly zero)")
@@ -115,7 +119,7 @@ def layers_figure(report, path: str) -> str:
         right.barh(y + offset, values, height=0.27, label=label)
     right.set_xlim(0, 1)
     right.set_xlabel("fraction (last step)")
-    right.legend(fontsize=7, loc="lower right")
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
     fig.suptitle(f"per layer, step {report.steps}", fontsize=10)
     fig.savefig(path, dpi=110)
     return path
