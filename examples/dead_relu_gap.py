@@ -13,9 +13,11 @@ scores down; a score is the mean of a ReLU'd class map, so it can only reach 0, 
 of the map is off; the ReLU then passes no gradient back and the class maps never come back (a
 dead network's loss is ln 2 = 0.693 per class, forever). The fix the scenario asks for, without
 an FC layer: no ReLU on the class maps (the scores can then go negative). The network's own
-``bn=True`` option (BatchNorm before every ReLU) is run too, with and without that fix.
+``bn=True`` option (BatchNorm before every ReLU) is run too, with and without that fix: on its
+own it only delays the death here (BatchNorm's learned shift can push a class map below zero
+just the same).
 
-    python3 examples/dead_relu_gap.py               # about 20 s on two cores
+    python3 examples/dead_relu_gap.py               # 20-40 s on the two shared cores
     python3 examples/dead_relu_gap.py --steps 40
 """
 import argparse

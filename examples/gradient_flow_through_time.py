@@ -15,7 +15,7 @@ x_t gets a gradient through one attention hop instead of through 800 - t recurre
 The models run in float64: a gradient of 1e-200 is measured instead of flushed to zero (a float32
 gradient underflows below about 1e-45).
 
-    python3 examples/gradient_flow_through_time.py              # T = 800, about 20 s on two cores
+    python3 examples/gradient_flow_through_time.py              # T = 800, 15-30 s on the two shared cores
     python3 examples/gradient_flow_through_time.py --seq 200 --plot /tmp/flow.png
 """
 import argparse
