@@ -156,3 +156,16 @@ def test_cuda_code_paths_with_fake_cuda(tmp_path, monkeypatch):
     budget.main(["--quick", "--device", "cuda", "--out", str(tmp_path), "--methods", "naive"])
     saved = json.loads((tmp_path / "budget-cuda-quick.json").read_text())
     assert saved["longest"][0]["longest_L"] > 0
+
+
+def test_diagnostics_overhead_quick(tmp_path):
+    import diagnostics_overhead
+
+    res = diagnostics_overhead.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "diagnostics-overhead-cpu-quick.json").read_text())
+    _check_meta(saved)
+    assert [r["model"] for r in saved["rows"]] == [r["model"] for r in res["rows"]]
+    for row in saved["rows"]:
+        assert row["plain_ms"] > 0 and row["GradientFlow_ms"] > 0 and row["check_ms"] > 0
+        assert row["layers"] >= 3  # the recorder saw the models' layers
+    assert saved["rows"][1]["sequences"] == 1  # the LSTM's input, through time
