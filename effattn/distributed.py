@@ -27,6 +27,9 @@ hides entirely is not computed (its K/V still travel: the ring's traffic is fixe
 
 ``traffic()`` / ``reset_traffic()``: per-process counters of what was sent and computed
 (transfers, P2P ops, bytes, computed and skipped blocks, (query, key) pairs, seconds waited).
+
+Every rank of the group must make the same calls (and run their backward): the transfers and
+collectives pair up across ranks.
 """
 from __future__ import annotations
 
@@ -60,7 +63,8 @@ def traffic() -> dict:
     ``allgather_kv`` / ``reduce_scatter_dkv``: the all-gather variant's collectives (one per
     tensor); ``blocks_computed`` / ``blocks_skipped`` (forward, per K/V block), ``pairs``: the
     (query, key) pairs the forward's mask lets through, summed over blocks; ``wait_s``: seconds
-    spent waiting for transfers (what the overlap did not hide)."""
+    spent in the transfers' ``wait()`` (gloo: blocked, what the overlap did not hide; NCCL: the
+    wait only orders the streams, so it says little)."""
     return dict(_TRAFFIC)
 
 
@@ -179,9 +183,15 @@ def _global_to_ranks(x, dim, P, layout):
     return torch.stack(shards)
 
 
-# torch 2.14 renames the flat collectives (the old names warn); torch 2.10 has only the old ones
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# torch 2.14 renames the flat collectives (the old names warn); torch 2.10 has only the old ones.
+# Looked up at call time: this module imports where torch.distributed is not available.
+def _all_gather_flat(out, x, group):
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
+
+
+def _reduce_scatter_flat(out, x, group):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(out, x, op=dist.ReduceOp.SUM, group=group)
 
 
 class _Unshard(torch.autograd.Function):
@@ -203,7 +213,7 @@ class _Unshard(torch.autograd.Function):
         dtype = ctx.grad_dtype or grad.dtype
         stacked = _global_to_ranks(grad.to(dtype), ctx.dim, ctx.P, ctx.layout).contiguous()
         out = stacked.new_empty(stacked.shape[1:])
-        _reduce_scatter_flat(out, stacked.view(-1, *stacked.shape[2:]), op=dist.ReduceOp.SUM, group=ctx.group)
+        _reduce_scatter_flat(out, stacked.view(-1, *stacked.shape[2:]), ctx.group)
         if ctx.counter:
             _TRAFFIC[ctx.counter[1]] += 1
         return out.to(grad.dtype), None, None, None, None, None, None
@@ -245,6 +255,19 @@ def _band(is_causal, window, who):
     return lo, hi
 
 
+def _visible_pairs(m, n, left, right):
+    """The (query, key) pairs of an m x n block under window (left, right) (None: unbounded)
+    when every row sees at least one key (true of ``_pair_call``'s slices): the sum over rows i
+    of min(n - 1, i + right) - max(0, i - left) + 1, in closed form."""
+    if right is None:
+        last = m * (n - 1)
+    else:  # rows i <= n - 1 - right end at i + right, the others at n - 1
+        k = min(m, max(0, n - right))
+        last = k * (k - 1) // 2 + k * right + (m - k) * (n - 1)
+    j = 0 if left is None else max(0, m - 1 - left)  # rows i > left start at i - left
+    return last - j * (j + 1) // 2 + m
+
+
 def _pair_call(m, n, a, b):
     """Rows i < m of a query segment against keys j < n of a key segment where query i sees key j
     iff a <= j - i <= b (local coordinates, a <= b, +-inf allowed). Returns None when no pair is
@@ -264,10 +287,7 @@ def _pair_call(m, n, a, b):
     a2, b2 = a + r0 - c0, b + r0 - c0   # the band on the slices: a2 <= 0 <= b2 (row r0 sees key c0)
     left = None if a2 <= -(m2 - 1) else int(-a2)   # a side that never binds is unbounded
     right = None if b2 >= n2 - 1 else int(b2)
-    i = torch.arange(m2, dtype=torch.int64)  # visible keys of each row: [i - left, i + right] within [0, n2)
-    last = (i + right).clamp(max=n2 - 1) if right is not None else torch.full_like(i, n2 - 1)
-    first = (i - left).clamp(min=0) if left is not None else torch.zeros_like(i)
-    pairs = int((last - first + 1).clamp(min=0).sum())
+    pairs = _visible_pairs(m2, n2, left, right)
     if left is None and right is None:
         return (r0, r1, c0, c1, None, False, pairs)
     if left is None and right == 0:
