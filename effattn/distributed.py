@@ -503,6 +503,7 @@ class _Ring(torch.autograd.Function):
                 prev = zeros_kv() if g is None else (g[1].to(acc).contiguous(), g[2].to(acc).contiguous())
             else:
                 prev = (in_dk, in_dv) if g is None else (in_dk.add_(g[1]), in_dv.add_(g[2]))
+            del g  # (before the next block's buffers: a lower peak)
             if t < P - 1:
                 k_cur, v_cur = k_nxt, v_nxt
         dk, dv = own

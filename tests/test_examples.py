@@ -64,3 +64,13 @@ def test_video_pooling_example():
     assert res["effattn"]["pad_mass"] == 0.0 and res["effattn"]["padding_change"] == 0.0
     # the scenario's module does put weight on padding, and its outputs depend on it
     assert res["scenario"]["pad_mass"] > 0.01 and res["scenario"]["padding_change"] > 1e-3
+
+
+def test_long_context_parallel_example():
+    """One training step with the sequence sharded across 2 processes (gloo) equals the same
+    step on the whole sequence in one process: loss and every parameter gradient."""
+    example = load("long_context_parallel")
+    res = example.main(["--seq", "512", "--procs", "2", "--timeout", "240"])
+    assert abs(res["loss"] - res["single_process_loss"]) < 1e-5, res
+    assert res["grad_max_abs_diff"] < 1e-5 * max(1.0, res["grad_max_abs"]) + 1e-6, res
+    assert res["loss_after_step"] < res["loss"], res
