@@ -365,15 +365,29 @@ def _block_forward(q, k, v, calls, scale, enable_gqa, acc_o, acc_lse):
         _merge(acc_o, acc_lse, c[0], c[1], o, lse)
 
 
-def _block_backward(q, k, v, calls, scale, enable_gqa, grad_out, grad_lse, out, lse, need_dq):
+def _rowdot(a, b):
+    """sum over the last dim of a * b, without an a * b temporary."""
+    return torch.einsum("...e,...e->...", a, b)
+
+
+def _backward_delta(grad_out, out, grad_lse):
+    """Per row, sum_e d out * out - d lse (accumulation dtype): the part of every block's d lse_b
+    that does not depend on the block."""
+    acc = _acc_dtype(out.dtype)
+    delta = _rowdot(grad_out.to(acc), out.to(acc))
+    return delta if grad_lse is None else delta - grad_lse.to(acc)
+
+
+def _block_backward(q, k, v, calls, scale, enable_gqa, grad_out, delta, lse, need_dq):
     """Gradients (dq or None, dk, dv) of one block's share of the merged output, by recomputing the
     block's partials (o_b, lse_b) with effattn and back-propagating through them with
 
         d o_b   = w_b * d out,                  w_b = exp(lse_b - lse)
-        d lse_b = w_b * (sum_e d out * (o_b - out) + d lse)
+        d lse_b = w_b * (sum_e d out * (o_b - out) + d lse) = w_b * (sum_e d out * o_b - delta)
 
-    (out = sum_b w_b o_b and lse = log sum_b exp lse_b: the merge's own derivatives), which makes
-    each block's score gradient the whole sequence's. None when the block has no call."""
+    (out = sum_b w_b o_b and lse = log sum_b exp lse_b: the merge's own derivatives; delta from
+    ``_backward_delta``), which makes each block's score gradient the whole sequence's. None when
+    the block has no call."""
     if not calls:
         return None
     with torch.enable_grad():
@@ -386,12 +400,10 @@ def _block_backward(q, k, v, calls, scale, enable_gqa, grad_out, grad_lse, out, 
             acc = lse_b.dtype
             lse_r = lse[..., r0:r1].to(acc)
             w = torch.exp(lse_b - lse_r.masked_fill(lse_r == -_INF, 0.0))  # 0 where the row sees nothing
-            do = grad_out[..., r0:r1, :].to(acc)
-            d_lse = w * (do * (o.detach().to(acc) - out[..., r0:r1, :].to(acc))).sum(-1)
-            if grad_lse is not None:
-                d_lse = d_lse + w * grad_lse[..., r0:r1].to(acc)
+            do = grad_out[..., r0:r1, :]
+            d_lse = w * (_rowdot(do.to(acc), o.detach().to(acc)) - delta[..., r0:r1])
             outs += [o, lse_b]
-            cots += [(w.unsqueeze(-1) * do).to(o.dtype), d_lse]
+            cots += [(w.unsqueeze(-1) * do.to(acc)).to(o.dtype), d_lse]
         inputs = [ql, kl, vl] if need_dq else [kl, vl]
         grads = torch.autograd.grad(outs, inputs, cots)
     return (grads[0] if need_dq else None,) + tuple(grads[-2:])
@@ -468,7 +480,8 @@ class _Ring(torch.autograd.Function):
         need_dq = ctx.needs_input_grad[0]
         q_segs = _local_segments(q.shape[-2], P, rank, layout)
         acc = _acc_dtype(q.dtype)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device) if need_dq else None
+        dq = None  # the first contribution, then their sum (accumulation dtype)
+        delta = _backward_delta(grad_out, out, grad_lse)
         k_cur, v_cur = k.contiguous(), v.contiguous()
 
         def zeros_kv():
@@ -492,9 +505,9 @@ class _Ring(torch.autograd.Function):
             works = comm.start(send, recv, counts) if send else None
             src = (rank - t) % P
             calls, _ = _block_calls(q_segs, _local_segments(k.shape[-2], P, src, layout), band)
-            g = _block_backward(q, k_cur, v_cur, calls, scale, enable_gqa, grad_out, grad_lse, out, lse, need_dq)
+            g = _block_backward(q, k_cur, v_cur, calls, scale, enable_gqa, grad_out, delta, lse, need_dq)
             if g is not None and need_dq:
-                dq += g[0]
+                dq = g[0].to(acc) if dq is None else dq.add_(g[0])
             if works is not None:
                 comm.wait(works)
             if t == 0:
@@ -511,6 +524,8 @@ class _Ring(torch.autograd.Function):
             in_dk, in_dv = torch.empty_like(prev[0]), torch.empty_like(prev[1])
             comm.wait(comm.start(list(prev), [in_dk, in_dv], {"backward_dkv": 1}))
             dk, dv = dk + in_dk, dv + in_dv
+        if need_dq and dq is None:  # no row of this rank sees any key
+            dq = torch.zeros_like(q)
         return (dq.to(q.dtype) if need_dq else None, dk.to(k.dtype), dv.to(v.dtype), None)
 
 

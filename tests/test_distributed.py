@@ -130,6 +130,30 @@ def test_zigzag_balances_causal_work():
             assert computed == [1, 2, 3, 4] and per_rank[0] < per_rank[-1]
 
 
+def test_calls_per_block():
+    """Unmasked blocks are one effattn call whatever the layout; under causal zigzag the diagonal
+    block is three (two causal chunks and the full one between them), every other block one."""
+    P, n = 4, 6
+    for layout in D.LAYOUTS:
+        for r in range(P):
+            for s in range(P):
+                segs_q, segs_k = D._local_segments(n, P, r, layout), D._local_segments(n, P, s, layout)
+                calls, pairs = D._block_calls(segs_q, segs_k, D._band(False, None, "test"))
+                assert calls == [(0, n, 0, n, None, False)] and pairs == n * n
+    c = n // 2
+    for r in range(P):
+        for s in range(P):
+            calls, _ = D._block_calls(D._local_segments(n, P, r, "zigzag"), D._local_segments(n, P, s, "zigzag"),
+                                      D._band(True, None, "test"))
+            if s == r:
+                assert sorted(calls) == [(0, c, 0, c, None, True), (c, n, 0, c, None, False),
+                                         (c, n, c, n, None, True)], calls
+            elif s < r:  # both query chunks see the block's first chunk, neither its second
+                assert calls == [(0, n, 0, c, None, False)], calls
+            else:  # only the second query chunk sees the block, all of it
+                assert calls == [(c, n, 0, n, None, False)], calls
+
+
 class _Emulated(torch.autograd.Function):
     """Every rank's forward and explicit backward (D._block_forward / D._block_backward), in one
     process: the ring's arithmetic without its transport, for gradcheck."""
@@ -152,13 +176,13 @@ class _Emulated(torch.autograd.Function):
         dk = [torch.zeros_like(local(k, P, r, layout)) for r in range(P)]
         dv = [torch.zeros_like(local(v, P, r, layout)) for r in range(P)]
         for r in range(P):
-            qr = local(q, P, r, layout)
+            qr, gout_r = local(q, P, r, layout), local(gout, P, r, layout)
             q_segs = D._local_segments(qr.shape[-2], P, r, layout)
+            delta = D._backward_delta(gout_r, outs[r], local(glse, P, r, layout, dim=-1))
             for s in range(P):
                 ks, vs = local(k, P, s, layout), local(v, P, s, layout)
                 calls, _ = D._block_calls(q_segs, D._local_segments(ks.shape[-2], P, s, layout), band)
-                g = D._block_backward(qr, ks, vs, calls, None, False, local(gout, P, r, layout),
-                                      local(glse, P, r, layout, dim=-1), outs[r], lses[r], True)
+                g = D._block_backward(qr, ks, vs, calls, None, False, gout_r, delta, lses[r], True)
                 if g is not None:
                     dq[r] += g[0]
                     dk[s] += g[1]
