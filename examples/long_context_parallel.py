@@ -18,6 +18,7 @@ process (``effattn.attention``) and compares the loss and every parameter gradie
 """
 import argparse
 import datetime
+import importlib
 import os
 import sys
 import tempfile
@@ -160,11 +161,17 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the spawned processes import this file
+    # The spawned processes import this file by name to find ``worker`` (a script's own __main__
+    # is handled by multiprocessing itself); a copy loaded from its path (as the tests do) is not
+    # what they would import, so hand them the importable one.
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    target = worker if __name__ == "__main__" else importlib.import_module("long_context_parallel").worker
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = mp.start_processes(worker, args=(args.procs, args, os.path.join(tmp, "store"), results),
+        procs = mp.start_processes(target, args=(args.procs, args, os.path.join(tmp, "store"), results),
                                    nprocs=args.procs, join=False, start_method="spawn")
         deadline = time.monotonic() + args.timeout
         while not procs.join(timeout=5):  # raises, with the failing rank's traceback, if one fails

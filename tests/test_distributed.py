@@ -471,6 +471,8 @@ def _cases(P):
         dict(variant="ring", layout="contiguous", window=(None, 2), dtype=F64, L=L),
         dict(variant="ring", layout="zigzag", causal=True, dtype=BF16, L=L),
         dict(variant="allgather", layout="zigzag", causal=True, dtype=F16, L=L, Hkv=1),
+        dict(variant="ring", layout="contiguous", causal=False, dtype=F16, L=L, Hkv=1),
+        dict(variant="allgather", layout="contiguous", causal=True, dtype=BF16, L=L),
     ]
     return cases
 
