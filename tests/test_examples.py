@@ -109,3 +109,14 @@ def test_dead_relu_gap_example():
     fixed = res["fix: no ReLU on the class maps"]
     assert fixed["report"].summary.startswith("No layer or timestep where the signal dies"), fixed["report"].summary
     assert mean(fixed["losses"][-10:]) < math.log(2) - 0.2
+
+
+
+def test_long_context_parallel_example():
+    """One training step with the sequence sharded across 2 processes (gloo) equals the same
+    step on the whole sequence in one process: loss and every parameter gradient."""
+    example = load("long_context_parallel")
+    res = example.main(["--seq", "512", "--procs", "2", "--timeout", "240"])
+    assert abs(res["loss"] - res["single_process_loss"]) < 1e-5, res
+    assert res["grad_max_abs_diff"] < 1e-5 * max(1.0, res["grad_max_abs"]) + 1e-6, res
+    assert res["loss_after_step"] < res["loss"], res
