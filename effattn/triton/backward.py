@@ -22,8 +22,8 @@ an 8 GB GPU train at 0.9x the length its tensors alone allow.
 import triton
 import triton.language as tl
 
-from .tiles import (block_ranges, head_ptr, masked_probabilities, mma, query_block, score_grad, sequence_lengths,
-                    row_block, stage_range, tile_offsets)
+from .tiles import (block_ranges, head_ptr, masked_probabilities, mma, query_block, query_block_key_ranges, row_block,
+                    score_grad, sequence_lengths, stage_range, tile_offsets)
 
 
 @triton.jit(do_not_specialize=["H", "L"])
@@ -201,9 +201,8 @@ def bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
     MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    b, h, hk, bh, split, m0, query_len, key_len, lo, a, c, hi = query_block(
-        KEY_LENGTHS, QUERY_LENGTHS, H, GROUP, L, S, KEYS_PER_SPLIT, window_left, window_right,
-        BLOCK_M, BLOCK_N, HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
+    b, h, hk, bh, split, m0, query_len, key_len = query_block(KEY_LENGTHS, QUERY_LENGTHS, H, GROUP, L, S, BLOCK_M,
+                                                               HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
     offs_m, offs_n0, offs_d, offs_dv = tile_offsets(m0, BLOCK_M, BLOCK_N, HEAD_DIM_PAD, HEAD_DIM_V_PAD)
     row_ok = offs_m < L
 
@@ -212,6 +211,9 @@ def bwd_dq_kernel(
     mask_base = MASK
     if MASK_KIND != 0:
         mask_base = head_ptr(MASK, b, h, stride_mb, stride_mh)
+
+    lo, a, c, hi = query_block_key_ranges(m0, split, KEYS_PER_SPLIT, query_len, key_len, window_left,
+                                          window_right, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros((BLOCK_M, HEAD_DIM_PAD), tl.float32)
     if hi > lo:

@@ -33,7 +33,8 @@ than it gains. Strides are, so row loads stay 16-byte vectors.
 import triton
 import triton.language as tl
 
-from .tiles import head_ptr, masked_scores, mma, query_block, row_block, stage_range, tile_offsets
+from .tiles import (head_ptr, masked_scores, mma, query_block, query_block_key_ranges, row_block, stage_range,
+                    tile_offsets)
 
 
 @triton.jit
@@ -99,9 +100,8 @@ def attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
     MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
-    b, h, hk, bh, split, m0, query_len, key_len, lo, a, c, hi = query_block(
-        KEY_LENGTHS, QUERY_LENGTHS, H, GROUP, L, S, KEYS_PER_SPLIT, window_left, window_right,
-        BLOCK_M, BLOCK_N, HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
+    b, h, hk, bh, split, m0, query_len, key_len = query_block(KEY_LENGTHS, QUERY_LENGTHS, H, GROUP, L, S, BLOCK_M,
+                                                               HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
     offs_m, offs_n0, offs_d, offs_dv = tile_offsets(m0, BLOCK_M, BLOCK_N, HEAD_DIM_PAD, HEAD_DIM_V_PAD)
 
     k_base = head_ptr(K, b, hk, stride_kb, stride_kh)
@@ -119,6 +119,10 @@ def attn_fwd_kernel(
     mask_base = MASK
     if MASK_KIND != 0:
         mask_base = head_ptr(MASK, b, h, stride_mb, stride_mh)
+
+    # ---- the key blocks these rows can see, within this split ----
+    lo, a, c, hi = query_block_key_ranges(m0, split, KEYS_PER_SPLIT, query_len, key_len, window_left,
+                                          window_right, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, HEAD_DIM_V_PAD), tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)

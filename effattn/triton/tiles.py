@@ -172,14 +172,13 @@ def sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S,
 
 
 @triton.jit
-def query_block(KEY_LENGTHS, QUERY_LENGTHS, H, GROUP, L, S, keys_per_split, window_left, window_right,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+def query_block(KEY_LENGTHS, QUERY_LENGTHS, H, GROUP, L, S, BLOCK_M: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
                 HAS_QUERY_LENGTHS: tl.constexpr):
     """The prologue of the kernels that walk key blocks for one block of queries (the
     forward, dQ): grid (query block, batch * head, key split). Returns the batch b, head h,
-    kv head hk, bh = b * H + h, the split, the block's first row m0, the sequence lengths
-    and the key blocks it sees in its split, (lo, a, c, hi): masked [lo, a), interior
-    [a, c), masked [c, hi)."""
+    kv head hk, bh = b * H + h, the split, the block's first row m0 and the sequence
+    lengths (query_len, key_len). (The key blocks come after the kernel's base pointers,
+    query_block_key_ranges: that order is what ptxas was measured with.)"""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -187,10 +186,7 @@ def query_block(KEY_LENGTHS, QUERY_LENGTHS, H, GROUP, L, S, keys_per_split, wind
     h = bh % H
     hk = h // GROUP
     query_len, key_len = sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S, HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
-    m0 = pid_m * BLOCK_M
-    lo, a, c, hi = query_block_key_ranges(m0, split, keys_per_split, query_len, key_len, window_left, window_right,
-                                          BLOCK_M, BLOCK_N)
-    return b, h, hk, bh, split, m0, query_len, key_len, lo, a, c, hi
+    return b, h, hk, bh, split, pid_m * BLOCK_M, query_len, key_len
 
 
 @triton.jit
