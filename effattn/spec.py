@@ -34,6 +34,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Whether any autocast is on: one C call (torch.is_autocast_enabled(device_type) costs a
+# microsecond; dynamo traces this one too).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 # ---- features: what a call needs beyond plain softmax(Q K^T * scale) V ------
 # Bits, so that "does this backend serve this call" is one AND on the hot path.
@@ -135,6 +138,12 @@ class AttentionSpec:
     def device(self) -> torch.device:
         return self.q.device
 
+    @property
+    def device_type(self) -> str:
+        """"cpu", "cuda", ...: the backends' test, without building a torch.device."""
+        q = self.q
+        return "cpu" if q.is_cpu else ("cuda" if q.is_cuda else q.device.type)
+
     def needs_backward(self) -> bool:
         """Whether autograd will call the backward of this call."""
         return torch.is_grad_enabled() and (self.q.requires_grad or self.k.requires_grad or self.v.requires_grad)
@@ -142,6 +151,8 @@ class AttentionSpec:
     # ---- output shaping ------------------------------------------------------
     def to_caller_shape(self, t: torch.Tensor) -> torch.Tensor:
         """(B, H, L, ...) -> the caller's (*batch, [H,] L, ...)."""
+        if self.heads_in_shape and len(self.batch_shape) == 1:  # the caller's was (B, H, L, ...)
+            return t
         shape = (*self.batch_shape, *t.shape[1 if self.heads_in_shape else 2:])
         return t if t.shape == shape else t.reshape(shape)
 
@@ -150,14 +161,19 @@ def _fail(msg: str):
     raise ValueError(f"effattn.attention: {msg}")
 
 
-def _check_tensor(name: str, t):
-    if not isinstance(t, torch.Tensor):
-        _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.is_nested:
-        _fail(f"{name} is a nested tensor ({t.layout}); nested (jagged or strided) inputs are not "
-              "supported yet: pass padded tensors with key_lengths / query_lengths")
-    if t.dim() < 2:
-        _fail(f"{name} must have at least 2 dims (..., seq, dim), got shape {tuple(t.shape)}")
+def _check_tensors(query, key, value):
+    """Types, nesting and ranks of q, k, v (the one place; the message names the tensor)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_nested:
+            _fail(f"{name} is a nested tensor ({t.layout}); nested (jagged or strided) inputs are not "
+                  "supported yet: pass padded tensors with key_lengths / query_lengths")
+        if t.dim() < 2:
+            _fail(f"{name} must have at least 2 dims (..., seq, dim), got shape {tuple(t.shape)}")
+    if not (query.dim() == key.dim() == value.dim()):
+        _fail(f"query, key and value must have the same number of dims, got "
+              f"{query.dim()}, {key.dim()} and {value.dim()}")
 
 
 def _to_canonical(t: torch.Tensor, heads_in_shape: bool, contiguous_last: bool = True) -> torch.Tensor:
@@ -172,7 +188,7 @@ def _to_canonical(t: torch.Tensor, heads_in_shape: bool, contiguous_last: bool =
         t = t.unsqueeze(0)
     elif nd > 4:
         t = t.flatten(0, nd - 4)  # a view unless the batch dims are not mergeable
-    if contiguous_last and t.stride(-1) != 1 and t.shape[-1] > 1:
+    if contiguous_last and t.stride()[-1] != 1 and t.shape[-1] > 1:
         t = t.contiguous()  # the kernels need a contiguous last dim; all else stays strided
     return t
 
@@ -240,21 +256,26 @@ def make_spec(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
               scale: Optional[float] = None, enable_gqa: bool = False, *, key_lengths=None,
               query_lengths=None, window: Optional[Sequence[Optional[int]]] = None,
               return_lse: bool = False) -> AttentionSpec:
-    _check_tensor("query", query)
-    _check_tensor("key", key)
-    _check_tensor("value", value)
-    nd = query.dim()
-    if not (nd == key.dim() == value.dim()):
-        _fail(f"query, key and value must have the same number of dims, got "
-              f"{nd}, {key.dim()} and {value.dim()}")
+    # This runs on every call: it reads each tensor attribute once and builds nothing it does
+    # not need (on tiny inputs the whole call is a few microseconds; bench/overhead.py).
+    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)) \
+            or query.is_nested or key.is_nested or value.is_nested:
+        _check_tensors(query, key, value)
+    qshape, kshape, vshape = query.shape, key.shape, value.shape
+    nd = len(qshape)
+    if nd < 2 or len(kshape) != nd or len(vshape) != nd:
+        _check_tensors(query, key, value)
     device = query.device
-    # Under torch.autocast, float32 inputs run in the autocast dtype, as SDPA's do.
-    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
-        low = torch.get_autocast_dtype(device.type)
-        query, key, value = (t.to(low) if t.dtype == torch.float32 else t for t in (query, key, value))
+    # Under torch.autocast, float32 inputs run in the autocast dtype, as SDPA's do. (is_cpu /
+    # is_cuda: reading device.type builds a string, microseconds per call.)
+    if _any_autocast():
+        autocast = "cpu" if query.is_cpu else ("cuda" if query.is_cuda else None)
+        if autocast is not None and torch.is_autocast_enabled(autocast):
+            low = torch.get_autocast_dtype(autocast)
+            query, key, value = (t.to(low) if t.dtype == torch.float32 else t for t in (query, key, value))
     dtype = query.dtype
-    if key.dtype != dtype or value.dtype != dtype:
-        name, t = ("key", key) if key.dtype != dtype else ("value", value)
+    if key.dtype is not dtype or value.dtype is not dtype:
+        name, t = ("key", key) if key.dtype is not dtype else ("value", value)
         _fail(f"{name} has dtype {t.dtype} but query has {dtype}; they must match")
     if key.device != device or value.device != device:
         name, t = ("key", key) if key.device != device else ("value", value)
@@ -262,7 +283,6 @@ def make_spec(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
     if dtype not in SUPPORTED_DTYPES:
         _fail(f"query dtype must be one of float16, bfloat16, float32, float64, got {dtype}")
 
-    qshape, kshape, vshape = query.shape, key.shape, value.shape
     L, E = qshape[-2], qshape[-1]
     S = kshape[-2]
     Ev = vshape[-1]
@@ -275,7 +295,7 @@ def make_spec(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
     # Heads: dim -3, for 4+ dim inputs, and for 3-dim ones under GQA (as SDPA).
     heads_in_shape = nd >= 4 or (nd == 3 and enable_gqa)
     if heads_in_shape:
-        batch_shape = tuple(qshape[:-3])
+        batch_shape = (qshape[0],) if nd == 4 else tuple(qshape[:-3])
         Hq, Hk, Hv = qshape[-3], kshape[-3], vshape[-3]
         if Hk != Hv:
             _fail(f"key.size(-3) = {Hk} and value.size(-3) = {Hv} must be equal (the key/value heads)")
@@ -294,7 +314,8 @@ def make_spec(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
         tail = 2
     # Key/value batch dims may broadcast against query's (as in SDPA), as views.
     nb = len(batch_shape)
-    if tuple(kshape[:nb]) != batch_shape or tuple(vshape[:nb]) != batch_shape:
+    if (kshape[0] != qshape[0] or vshape[0] != qshape[0]) if nb == 1 else \
+            (tuple(kshape[:nb]) != batch_shape or tuple(vshape[:nb]) != batch_shape):
         for name, t in (("key", key), ("value", value)):
             for d in range(nb):
                 if t.shape[d] not in (1, batch_shape[d]):
@@ -393,18 +414,15 @@ def make_spec(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
     if return_lse:
         features |= RETURN_LSE
 
-    return AttentionSpec(
-        q=_to_canonical(query, heads_in_shape),
-        k=_to_canonical(key, heads_in_shape),
-        v=_to_canonical(value, heads_in_shape),
-        mask=mask,
-        key_lengths=key_lengths,
-        query_lengths=query_lengths,
-        scale=float(scale),
-        band=(left, right),
-        dropout_p=dropout_p,
-        features=features,
-        batch_shape=batch_shape,
-        heads_in_shape=heads_in_shape,
-        mask_needs_grad=mask_needs_grad,
-    )
+    if nd == 4:  # already canonical (B, H, L, E): only the last dim's stride to check
+        if query.stride()[-1] != 1 and E > 1:
+            query = query.contiguous()
+        if key.stride()[-1] != 1 and E > 1:
+            key = key.contiguous()
+        if value.stride()[-1] != 1 and Ev > 1:
+            value = value.contiguous()
+    else:
+        query, key, value = (_to_canonical(t, heads_in_shape) for t in (query, key, value))
+    # (positional: the slots' order)
+    return AttentionSpec(query, key, value, mask, key_lengths, query_lengths, float(scale), (left, right), dropout_p,
+                         features, batch_shape, heads_in_shape, mask_needs_grad)

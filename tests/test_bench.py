@@ -208,3 +208,16 @@ def test_context_parallel_gpu_model():
     for (E, causal, mha), r in by.items():
         if mha and (E, causal, False) in by:
             assert r["ib_fwd_c"] >= by[(E, causal, False)]["ib_fwd_c"]
+
+
+def test_overhead_quick(tmp_path):
+    """bench/overhead.py end to end: its child processes (the CPU modes against SDPA, the CUDA
+    host path with the driver's stand-ins and the launches stubbed) and its records."""
+    from conftest import run_checked
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "overhead.py")
+    run_checked([sys.executable, script, "--quick", "--out", str(tmp_path)], timeout=600)
+    saved = json.loads((tmp_path / "overhead-cpu-quick.json").read_text())
+    assert [r["mode"] for r in saved["cpu"]] == ["no_grad", "grad", "fwd_bwd"]
+    assert all(r["effattn_us"] > 0 and r["sdpa_us"] > 0 for r in saved["cpu"])
+    assert {h["what"] for h in saved["cuda_host"]} >= {"make_spec + select"}
+    assert "effattn / SDPA" in (tmp_path / "overhead-cpu-quick.md").read_text()

@@ -73,7 +73,7 @@ class Backend:
 
     def not_supported_reasons(self, spec: AttentionSpec) -> List[str]:
         reasons = []
-        device = spec.device.type
+        device = spec.device_type
         if device not in self.devices:
             reasons.append(f"runs on {'/'.join(self.devices)} tensors, not {device}")
         dtype = spec.dtype

@@ -9,8 +9,10 @@ class ReferenceBackend(Backend):
     name = "reference"
     devices = ("cpu", "cuda", "xpu", "mps", "meta")
     dtypes = S.SUPPORTED_DTYPES
-    # Every feature reference.py implements; a new feature goes here once it does.
-    features = S.ALL_FEATURES & ~S.DROPOUT
+    # Every feature reference.py implements, listed like any backend's: a new feature is refused
+    # here too until reference_forward implements it (tests/test_contract.py checks the list).
+    features = (S.CAUSAL | S.CAUSAL_LOWER_RIGHT | S.WINDOW | S.NEGATIVE_BAND | S.KEY_LENGTHS | S.QUERY_LENGTHS
+                | S.BOOL_MASK | S.FLOAT_MASK | S.MASK_BROADCAST | S.MASK_GRAD | S.GQA | S.VALUE_HEAD_DIM | S.RETURN_LSE)
     materializes_scores = True
 
     def forward(self, spec):

@@ -77,8 +77,8 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, mask_base,
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
     # S^T (BLOCK_N, BLOCK_M): keys along rows, queries along columns
     st = mma(k, tl.trans(q), tl.zeros((k.shape[0], q.shape[0]), tl.float32), UPCAST, PRECISION) * qk_scale
-    pt = masked_probabilities(st, lse2[None, :], offs_m[None, :], offs_n[:, None], mask_base, stride_mm, stride_mn,
-                              L, S, query_len, key_len, window_left, window_right, STRUCTURE_MASK, MASK_KIND)
+    pt = masked_probabilities(st, lse2, offs_m, offs_n, mask_base, stride_mm, stride_mn, L, S, query_len, key_len,
+                              window_left, window_right, STRUCTURE_MASK, MASK_KIND, True)
     dv = mma(pt.to(do.dtype), do, dv, UPCAST, PRECISION)
     dpt = mma(v, tl.trans(do), tl.zeros((k.shape[0], q.shape[0]), tl.float32), UPCAST, PRECISION)
     dst = score_grad(pt, dpt, delta[None, :])
@@ -135,13 +135,14 @@ def bwd_dkdv_kernel(
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
-        q_base = head_ptr(Q, b, h, stride_qb, stride_qh)
-        do_base = head_ptr(DO, b, h, stride_dob, stride_doh)
+        # (inline, not head_ptr: in this loop the helper cost 8 more bytes of spill with a bool mask, sm_90)
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         lse2_base = LSE2 + bh.to(tl.int64) * L
         delta_base = DELTA + bh.to(tl.int64) * L
         mask_base = MASK
         if MASK_KIND != 0:
-            mask_base = head_ptr(MASK, b, h, stride_mb, stride_mh)
+            mask_base = MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
         # ---- near edge (masked), interior (every pair visible by structure), far edge (masked) ----
         for stage in tl.static_range(3):
             start, end = stage_range(stage, lo, a, c, hi)
@@ -176,8 +177,8 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m
     vt = tl.load(v_base + offs_n[None, :].to(tl.int64) * stride_vn + offs_dv[:, None],
                  mask=key_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
     s = mma(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, PRECISION) * qk_scale
-    p = masked_probabilities(s, lse2[:, None], offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, L,
-                             S, query_len, key_len, window_left, window_right, STRUCTURE_MASK, MASK_KIND)
+    p = masked_probabilities(s, lse2, offs_m, offs_n, mask_base, stride_mm, stride_mn, L, S, query_len, key_len,
+                             window_left, window_right, STRUCTURE_MASK, MASK_KIND, False)
     dp = mma(do, vt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, PRECISION)
     ds = score_grad(p, dp, delta[:, None])
     return mma(ds.to(q.dtype), tl.trans(kt), dq, UPCAST, PRECISION)
@@ -201,8 +202,8 @@ def bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
     MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    b, h, hk, bh, split, m0, query_len, key_len = query_block(KEY_LENGTHS, QUERY_LENGTHS, H, GROUP, L, S, BLOCK_M,
-                                                               HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
+    b, h, hk, bh, split, m0 = query_block(H, GROUP, BLOCK_M)
+    query_len, key_len = sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S, HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
     offs_m, offs_n0, offs_d, offs_dv = tile_offsets(m0, BLOCK_M, BLOCK_N, HEAD_DIM_PAD, HEAD_DIM_V_PAD)
     row_ok = offs_m < L
 

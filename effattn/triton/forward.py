@@ -33,8 +33,8 @@ than it gains. Strides are, so row loads stay 16-byte vectors.
 import triton
 import triton.language as tl
 
-from .tiles import (head_ptr, masked_scores, mma, query_block, query_block_key_ranges, row_block, stage_range,
-                    tile_offsets)
+from .tiles import (head_ptr, masked_scores, mma, query_block, query_block_key_ranges, row_block, sequence_lengths,
+                    stage_range, tile_offsets)
 
 
 @triton.jit
@@ -59,8 +59,8 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, tile_b, tile_h,
         kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None], mask=kt_mask,
                      other=0.0)
     s = mma(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, PRECISION) * qk_scale
-    s = masked_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, L, S, query_len,
-                      key_len, window_left, window_right, STRUCTURE_MASK, MASK_KIND)
+    s = masked_scores(s, offs_m, offs_n, mask_base, stride_mm, stride_mn, L, S, query_len, key_len, window_left,
+                      window_right, STRUCTURE_MASK, MASK_KIND)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if STRUCTURE_MASK or MASK_KIND != 0:
         # a row with nothing visible yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
@@ -100,8 +100,8 @@ def attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
     MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
-    b, h, hk, bh, split, m0, query_len, key_len = query_block(KEY_LENGTHS, QUERY_LENGTHS, H, GROUP, L, S, BLOCK_M,
-                                                               HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
+    b, h, hk, bh, split, m0 = query_block(H, GROUP, BLOCK_M)
+    query_len, key_len = sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S, HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
     offs_m, offs_n0, offs_d, offs_dv = tile_offsets(m0, BLOCK_M, BLOCK_N, HEAD_DIM_PAD, HEAD_DIM_V_PAD)
 
     k_base = head_ptr(K, b, hk, stride_kb, stride_kh)

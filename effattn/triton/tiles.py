@@ -90,47 +90,67 @@ def structure_visible(rows, cols, row_len, col_len, near, far):
 
 
 @triton.jit
-def visible(queries, keys, mask_base, stride_mm, stride_mn, L, S, query_len, key_len, window_left, window_right,
-            STRUCTURE_MASK: tl.constexpr, MASK_KIND: tl.constexpr):
+def pair_index(offs_q, offs_k, KEYS_BY_QUERIES: tl.constexpr):
+    """Broadcast (queries, keys) index tiles of a score tile: queries x keys (the forward, dQ),
+    or keys x queries (KEYS_BY_QUERIES: the dK/dV kernel's transposed tiles). Built where each
+    use needs them (so the kernels keep the op order ptxas was measured with)."""
+    if KEYS_BY_QUERIES:
+        return offs_q[None, :], offs_k[:, None]
+    else:
+        return offs_q[:, None], offs_k[None, :]
+
+
+@triton.jit
+def visible(offs_q, offs_k, mask_base, stride_mm, stride_mn, L, S, query_len, key_len, window_left, window_right,
+            STRUCTURE_MASK: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_BY_QUERIES: tl.constexpr):
     """Bool tile: the pairs neither the bool mask nor (STRUCTURE_MASK) the band and lengths
-    hide. For calls with MASK_KIND == 1 or STRUCTURE_MASK only. ``queries``, ``keys``:
-    broadcast index tensors, in either orientation (the dK/dV kernel's tiles are keys x
-    queries)."""
+    hide. For calls with MASK_KIND == 1 or STRUCTURE_MASK only."""
     if MASK_KIND == 1:
+        queries, keys = pair_index(offs_q, offs_k, KEYS_BY_QUERIES)
         keep = load_mask(mask_base, queries, keys, stride_mm, stride_mn, L, S, MASK_KIND)
         if STRUCTURE_MASK:
+            queries, keys = pair_index(offs_q, offs_k, KEYS_BY_QUERIES)
             keep = keep & structure_visible(queries, keys, query_len, key_len, window_left, window_right)
     else:
+        queries, keys = pair_index(offs_q, offs_k, KEYS_BY_QUERIES)
         keep = structure_visible(queries, keys, query_len, key_len, window_left, window_right)
     return keep
 
 
 @triton.jit
-def masked_scores(s, queries, keys, mask_base, stride_mm, stride_mn, L, S, query_len, key_len,
+def masked_scores(s, offs_q, offs_k, mask_base, stride_mm, stride_mn, L, S, query_len, key_len,
                   window_left, window_right, STRUCTURE_MASK: tl.constexpr, MASK_KIND: tl.constexpr):
     """The one score rule (the forward's): a tile of base-2 scores (scale * log2 e already
-    applied) plus the float mask, and -inf wherever the bool mask or (STRUCTURE_MASK) the
-    band and lengths hide the pair."""
+    applied), queries x keys, plus the float mask, and -inf wherever the bool mask or
+    (STRUCTURE_MASK) the band and lengths hide the pair. ``offs_q``, ``offs_k``: the tile's
+    query and key indices."""
     if MASK_KIND == 2:
+        queries, keys = pair_index(offs_q, offs_k, False)
         s += load_mask(mask_base, queries, keys, stride_mm, stride_mn, L, S, MASK_KIND)
     if MASK_KIND == 1 or STRUCTURE_MASK:
-        s = tl.where(visible(queries, keys, mask_base, stride_mm, stride_mn, L, S, query_len, key_len, window_left,
-                             window_right, STRUCTURE_MASK, MASK_KIND), s, float("-inf"))
+        s = tl.where(visible(offs_q, offs_k, mask_base, stride_mm, stride_mn, L, S, query_len, key_len, window_left,
+                             window_right, STRUCTURE_MASK, MASK_KIND, False), s, float("-inf"))
     return s
 
 
 @triton.jit
-def masked_probabilities(s, lse2, queries, keys, mask_base, stride_mm, stride_mn, L, S, query_len, key_len,
-                         window_left, window_right, STRUCTURE_MASK: tl.constexpr, MASK_KIND: tl.constexpr):
+def masked_probabilities(s, lse2, offs_q, offs_k, mask_base, stride_mm, stride_mn, L, S, query_len, key_len,
+                         window_left, window_right, STRUCTURE_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
+                         KEYS_BY_QUERIES: tl.constexpr):
     """The backward twin of masked_scores: the probabilities P = exp2(s + mask - lse2)
-    recomputed from the saved base-2 LSE (lse2 broadcast along the keys; +inf for a row that
-    saw no key, so P = 0 there), 0 wherever masked_scores put -inf."""
+    recomputed from the saved base-2 LSE (lse2: one per query, +inf for a row that saw no
+    key, so P = 0 there), 0 wherever masked_scores put -inf; queries x keys, or keys x
+    queries (KEYS_BY_QUERIES, the dK/dV kernel)."""
     if MASK_KIND == 2:
+        queries, keys = pair_index(offs_q, offs_k, KEYS_BY_QUERIES)
         s += load_mask(mask_base, queries, keys, stride_mm, stride_mn, L, S, MASK_KIND)
-    p = tl.math.exp2(s - lse2)
+    if KEYS_BY_QUERIES:
+        p = tl.math.exp2(s - lse2[None, :])
+    else:
+        p = tl.math.exp2(s - lse2[:, None])
     if MASK_KIND == 1 or STRUCTURE_MASK:
-        p = tl.where(visible(queries, keys, mask_base, stride_mm, stride_mn, L, S, query_len, key_len, window_left,
-                             window_right, STRUCTURE_MASK, MASK_KIND), p, 0.0)
+        p = tl.where(visible(offs_q, offs_k, mask_base, stride_mm, stride_mn, L, S, query_len, key_len, window_left,
+                             window_right, STRUCTURE_MASK, MASK_KIND, KEYS_BY_QUERIES), p, 0.0)
     return p
 
 
@@ -172,21 +192,23 @@ def sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S,
 
 
 @triton.jit
-def query_block(KEY_LENGTHS, QUERY_LENGTHS, H, GROUP, L, S, BLOCK_M: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
-                HAS_QUERY_LENGTHS: tl.constexpr):
+def query_block(H, GROUP, BLOCK_M: tl.constexpr):
     """The prologue of the kernels that walk key blocks for one block of queries (the
     forward, dQ): grid (query block, batch * head, key split). Returns the batch b, head h,
-    kv head hk, bh = b * H + h, the split, the block's first row m0 and the sequence
-    lengths (query_len, key_len). (The key blocks come after the kernel's base pointers,
-    query_block_key_ranges: that order is what ptxas was measured with.)"""
+    kv head hk, bh = b * H + h, the split and the block's first row m0. The kernel reads
+    the sequence lengths itself, next (sequence_lengths): torch.compile's mutation analysis
+    traces a store's address back through every argument of a helper call whose results
+    form it, so a helper that both reads the lengths and returns the batch index would
+    mark the lengths as written (and make inductor clone them). (The key blocks come
+    after the kernel's base pointers, query_block_key_ranges: that order is what ptxas
+    was measured with.)"""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    query_len, key_len = sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S, HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
-    return b, h, hk, bh, split, pid_m * BLOCK_M, query_len, key_len
+    return b, h, hk, bh, split, pid_m * BLOCK_M
 
 
 @triton.jit
