@@ -63,7 +63,46 @@ def child_cpu(n):
     for mode in MODES:  # the two methods of a mode back to back
         for method in ("effattn", "sdpa"):
             out[f"{method} {mode}"] = best_us(calls[method][mode], n if mode != "fwd_bwd" else n // 4)
+    for mode, fn in floors(q, qg).items():
+        out[f"floor {mode}"] = best_us(fn, n)
     return out
+
+
+def floors(q, qg):
+    """What the layers under effattn's Python cost on the same call, for this checkout's op
+    schema (none for a checkout without it): no_grad, the C++ op called below autograd
+    with its arguments ready (the stable-ABI op's boxed call, its output allocation and the
+    kernel); grad, that call inside an autograd.Function that saves its inputs and
+    outputs and does nothing else (the least a Python-side autograd, the only kind the
+    stable ABI allows, costs)."""
+    import torch
+    from effattn import backends, ops
+    try:
+        raw = torch.ops.effattn.fwd.default._op
+        variant = backends.BY_NAME["cpu"].isa()[1]
+        args = (q, q, q, None, None, None, 0.25, None, None, variant)
+        raw(*args)
+    except Exception:
+        return {}
+
+    def below():
+        with ops._below_autograd():
+            return raw(*args)
+
+    class Saves(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *a):
+            with ops._below_autograd():
+                out = raw(*a)
+            ctx.save_for_backward(*a[:3], *out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return (None,) * len(args)
+
+    argsg = (qg, qg, qg) + args[3:]
+    return {"no_grad": below, "grad": lambda: Saves.apply(*argsg)}
 
 
 def child_cuda_host(n):
@@ -134,13 +173,16 @@ def main():
             e, s = res[f"effattn {mode}"], res[f"sdpa {mode}"]
             rows.append(dict(checkout=name, tree=trees[name], mode=mode, effattn_us=round(e, 2), sdpa_us=round(s, 2),
                              ratio=round(e / s, 3)))
+    floor_rows = [dict(checkout=name, mode=k.split()[1], floor_us=round(v, 2),
+                       ratio=round(v / res[f"sdpa {k.split()[1]}"], 3))
+                  for name, res in best.items() for k, v in res.items() if k.startswith("floor ")]
     host = [dict(checkout=name, tree=trees[name], what=k, us=round(v, 2)) for name, res in best.items()
-            for k, v in res.items() if not k.startswith(("effattn ", "sdpa "))]
+            for k, v in res.items() if not k.startswith(("effattn ", "sdpa ", "floor "))]
     meta = dict(cpu=cpu_model(), threads=1, **versions(), effattn_commit=git_commit(),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 load_average_at_start=[round(x, 2) for x in os.getloadavg()], rounds=a.rounds, n=a.n,
                 command=" ".join(["python3", "bench/overhead.py"] + sys.argv[1:]))
-    res = dict(meta=meta, cpu=rows, cuda_host=host)
+    res = dict(meta=meta, cpu=rows, floors=floor_rows, cuda_host=host)
     stem = os.path.join(a.out, "overhead-cpu" + ("-quick" if a.quick else ""))
     os.makedirs(a.out, exist_ok=True)
     with open(stem + ".json", "w") as f:
@@ -151,6 +193,11 @@ def main():
              "Best of 7 loops of the calls, smallest over the rounds (fresh processes; checkouts alternated).", "",
              "| checkout | mode | effattn us | SDPA us | effattn / SDPA |", "|---|---|---|---|---|"]
     lines += [f"| {r['checkout']} | {r['mode']} | {r['effattn_us']} | {r['sdpa_us']} | {r['ratio']}x |" for r in rows]
+    if floor_rows:
+        lines += ["", "Floors: the same call with effattn's Python removed (`floors()`: no_grad, the C++ op called "
+                  "below autograd; grad, that call in an autograd.Function that only saves its tensors):", "",
+                  "| checkout | mode | floor us | floor / SDPA |", "|---|---|---|---|"]
+        lines += [f"| {r['checkout']} | {r['mode']} | {r['floor_us']} | {r['ratio']}x |" for r in floor_rows]
     lines += ["", "CUDA host path on the CPU (stand-ins for the driver; launches stubbed):", "",
               "| checkout | what | us |", "|---|---|---|"]
     lines += [f"| {h['checkout']} | {h['what']} | {h['us']} |" for h in host]
