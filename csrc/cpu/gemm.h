@@ -21,34 +21,74 @@
 // Everything is inline and templated on the accumulator type T (float, or
 // double for float64 inputs).
 
-constexpr int kMR = 6;  // rows of C per micro-tile
-constexpr int kNV = 2;  // vectors of C per row per micro-tile
+// Summation order (accuracy): each C entry is summed in chains of at most
+// kKC FMAs, each chain started from zero in its register and then added to
+// C (the first chain of a non-accumulating call is stored as it is). A C
+// built over many calls (dK, dV over every query tile of a GQA group, dQ
+// over key tiles, the forward's output over key tiles) is so a two-level
+// sum, like BLAS's beta = 1, and one call's K terms are blocked too (the
+// scores' K = E up to 256). One float32 chain of n terms errs by about
+// sqrt(n) roundings of its running sum (n in the worst case); a chain that
+// continued from C across 1,500 terms (6 heads x 255 queries of one key
+// head) made dK and dV 5-7x less accurate than PyTorch's CPU attention, and
+// 64-256-term score chains put single rows at 3x (issues 28, 29;
+// bench/dev/cpu_accuracy_sweep.py). The extra load, add and store per C
+// vector every kKC k steps cost about 1%.
+constexpr int kMR = 6;       // rows of C per micro-tile
+constexpr int kNV = 2;       // vectors of C per row per micro-tile
+constexpr int64_t kKC = 32;  // k steps per chain (above)
 
 template <typename T, int MR, int NV, bool Accumulate>
 inline void gemm_micro(int64_t K, const T* __restrict A, int64_t a_rs, int64_t a_ks,
                        const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc) {
   constexpr int64_t W = kLanes<T>;
-  Vec<T> acc[MR][NV];
+  int64_t k0 = 0;
+  do {  // at least once: K = 0 still stores C = 0 (or leaves C + 0)
+    const int64_t k1 = std::min(K, k0 + kKC);
+    Vec<T> acc[MR][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
+    for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = Accumulate ? vload(C + r * ldc + v * W) : Vec<T>{};
-  for (int64_t k = 0; k < K; ++k) {
-    Vec<T> b[NV];
+      for (int v = 0; v < NV; ++v) acc[r][v] = Vec<T>{};
+    for (int64_t k = k0; k < k1; ++k) {
+      Vec<T> b[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * W);
-    const T* a = A + k * a_ks;
+      for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * W);
+      const T* a = A + k * a_ks;
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const Vec<T> ar = vbroadcast(a[r * a_rs]);
+      for (int r = 0; r < MR; ++r) {
+        const Vec<T> ar = vbroadcast(a[r * a_rs]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = ar * b[v] + acc[r][v];
+        for (int v = 0; v < NV; ++v) acc[r][v] = ar * b[v] + acc[r][v];
+      }
     }
-  }
+    const bool add = Accumulate || k0 > 0;
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
+    for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * W, acc[r][v]);
+      for (int v = 0; v < NV; ++v) {
+        T* c = C + r * ldc + v * W;
+        vstore(c, add ? vload(c) + acc[r][v] : acc[r][v]);
+      }
+    k0 = k1;
+  } while (k0 < K);
+}
+
+// One C entry of a non-accumulating gemm, sum_k a[k] * b[k], as a scalar in
+// the micro-kernel's order and rounding (chains of kKC, madd: simd.h), so
+// that a scalar dot product reproduces a GEMM entry bit for bit.
+template <typename T>
+inline T gemm_dot(int64_t K, const T* a, const T* b) {
+  T sum = 0;
+  int64_t k0 = 0;
+  do {
+    const int64_t k1 = std::min(K, k0 + kKC);
+    T part = 0;
+    for (int64_t k = k0; k < k1; ++k) part = madd(a[k], b[k], part);
+    sum = k0 > 0 ? sum + part : part;
+    k0 = k1;
+  } while (k0 < K);
+  return sum;
 }
 
 // All rows of one column panel of NV vectors: full kMR blocks, then the rest.
