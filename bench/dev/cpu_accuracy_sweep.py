@@ -165,8 +165,10 @@ def sweep(configs, seed=0, effattn_outputs=None, log=print):
         s = row_errors(run_sdpa(cfg, seed + n), ref)
         eff.append(e)
         sdpa.append(s)
-        row = dict(config=config_name(cfg), **{f"{q}_ratio_max": e[q].max().item() / s[q].max().item()
-                                                for q in QUANTITIES})
+        row = dict(config=config_name(cfg))
+        for q in QUANTITIES:
+            row[f"{q}_ratio_max"] = e[q].max().item() / s[q].max().item()
+            row[f"{q}_ratio_p999"] = torch.quantile(e[q], 0.999).item() / torch.quantile(s[q], 0.999).item()
         per_config.append(row)
         log(f"[{n + 1}/{len(configs)}] {config_name(cfg)} ({time.time() - t0:.1f} s): " +
             " ".join(f"{q} {row[f'{q}_ratio_max']:.2f}" for q in QUANTITIES))
