@@ -201,6 +201,8 @@ def compare(configs, eff, sdpa):
 
 def _dump_outputs(configs, seed, path):
     """Child-process mode: effattn's outputs (from the build on sys.path) saved to path."""
+    import effattn
+    print(f"effattn from {effattn.__file__}", flush=True)
     torch.save([run_effattn(cfg, seed + n) for n, cfg in enumerate(configs)], path)
 
 
