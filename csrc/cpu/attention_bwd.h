@@ -138,17 +138,17 @@ struct BwdTile {
     }
   }
 
-  // dk += dk_part, dv += dv_part (when add), then the parts are zeroed.
+  // dk += dk_part, dv += dv_part (when add), the parts zeroed in the same pass.
   void flush_parts(bool add) {
     constexpr int64_t W = kLanes<acc_t>;
-    if (add) {
-      for (int64_t c = 0; c < kBwdBlockN * Ep; c += W)
-        vstore(dk.data() + c, vload(dk.data() + c) + vload(dk_part.data() + c));
-      for (int64_t c = 0; c < kBwdBlockN * Evp; c += W)
-        vstore(dv.data() + c, vload(dv.data() + c) + vload(dv_part.data() + c));
-    }
-    std::memset(static_cast<void*>(dk_part.data()), 0, sizeof(acc_t) * kBwdBlockN * Ep);
-    std::memset(static_cast<void*>(dv_part.data()), 0, sizeof(acc_t) * kBwdBlockN * Evp);
+    const auto flush = [add](acc_t* sum, acc_t* part, int64_t n) {
+      for (int64_t c = 0; c < n; c += W) {
+        if (add) vstore(sum + c, vload(sum + c) + vload(part + c));
+        vstore(part + c, Vec<acc_t>{});
+      }
+    };
+    flush(dk.data(), dk_part.data(), kBwdBlockN * Ep);
+    flush(dv.data(), dv_part.data(), kBwdBlockN * Evp);
   }
 
   void query_tile(int64_t b, int64_t h, int64_t split, int64_t i0, int64_t M, int64_t j0,

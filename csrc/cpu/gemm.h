@@ -21,22 +21,26 @@
 // Everything is inline and templated on the accumulator type T (float, or
 // double for float64 inputs).
 
-// Summation order (accuracy): each C entry is summed in chains of at most
-// kKC FMAs, each chain started from zero in its register and then added to
-// C (the first chain of a non-accumulating call is stored as it is). A C
-// built over many calls (dK, dV over every query tile of a GQA group, dQ
-// over key tiles, the forward's output over key tiles) is so a two-level
-// sum, like BLAS's beta = 1, and one call's K terms are blocked too (the
-// scores' K = E up to 256). One float32 chain of n terms errs by about
-// sqrt(n) roundings of its running sum (n in the worst case); a chain that
-// continued from C across 1,500 terms (6 heads x 255 queries of one key
-// head) made dK and dV 5-7x less accurate than PyTorch's CPU attention, and
-// 64-256-term score chains put single rows at 3x (issues 28, 29;
-// bench/dev/cpu_accuracy_sweep.py). The extra load, add and store per C
-// vector every kKC k steps cost about 1%.
+// Summation order (accuracy; issues 28, 29, bench/dev/cpu_accuracy_sweep.py).
+// A float32 chain of n FMAs errs by about sqrt(n) roundings of its running
+// sum (n in the worst case), so no C entry is one long chain:
+// - Accumulate (C += A B: the output over key tiles, dK and dV over query
+//   tiles, dQ over key tiles) sums the call's K terms (one tile, 64-128)
+//   from zero in registers and adds them to C once, like BLAS's beta = 1,
+//   so a C built over many calls is a two-level sum. Continuing one chain
+//   from C across 1,500 terms (6 heads x 255 queries of one key head) made
+//   dK and dV 5-7x less accurate than PyTorch's CPU attention.
+// - Otherwise (the scores S = Q K^T and dP = dO V^T, K = the head dim, up
+//   to 256) the K terms are summed in chains of kKC, each added to the sum
+//   of the previous ones: the scores' error is what the output, the LSE and
+//   every gradient inherit, and one 64-term chain put single rows at 5-9x
+//   SDPA's error (MKL's sgemm sums K <= 192 in one chain too; it splits 256).
+// The Accumulate form costs nothing (C is loaded once either way); the score
+// chains cost one load, add and store per C vector every kKC k steps
+// (measured in bench/README.md, "CPU float32 accuracy").
 constexpr int kMR = 6;       // rows of C per micro-tile
 constexpr int kNV = 2;       // vectors of C per row per micro-tile
-constexpr int64_t kKC = 32;  // k steps per chain (above)
+constexpr int64_t kKC = 32;  // k steps per chain of a non-accumulating call (above)
 
 template <typename T, int MR, int NV, bool Accumulate>
 inline void gemm_micro(int64_t K, const T* __restrict A, int64_t a_rs, int64_t a_ks,
@@ -44,7 +48,7 @@ inline void gemm_micro(int64_t K, const T* __restrict A, int64_t a_rs, int64_t a
   constexpr int64_t W = kLanes<T>;
   int64_t k0 = 0;
   do {  // at least once: K = 0 still stores C = 0 (or leaves C + 0)
-    const int64_t k1 = std::min(K, k0 + kKC);
+    const int64_t k1 = Accumulate ? K : std::min(K, k0 + kKC);
     Vec<T> acc[MR][NV];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
