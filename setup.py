@@ -4,19 +4,26 @@ All C++/CUDA code uses only PyTorch's stable ABI and is compiled for torch 2.10
 (TORCH_TARGET_VERSION) and the CPython limited API (abi3), so one
 ``cp39-abi3`` wheel runs on every torch >= 2.10 and Python >= 3.9.
 
+The build's facts (kernel head dims, default architectures) come from
+effattn/build_facts.py, which csrc/cuda/generate_kernels.py writes.
+
 Environment:
   EFFATTN_CPU_ONLY=1       skip the CUDA sources even if nvcc is there
-  TORCH_CUDA_ARCH_LIST     architectures for the CUDA sources (default "8.0;8.6;8.9;9.0a", plus
-                           compute_90 PTX that lets the driver compile the sm_80 kernels for newer
-                           GPUs, e.g. Blackwell). "9.0a" (Hopper's wgmma and TMA) also builds the
-                           Hopper forward; plain "9.0" builds only the sm_80 kernels for Hopper.
+  TORCH_CUDA_ARCH_LIST     architectures for the CUDA sources (default: build_facts'
+                           CUDA_DEFAULT_ARCHS, "8.0;8.6;8.9;9.0a", plus compute_90 PTX that lets the
+                           driver compile the sm_80 kernels for newer GPUs, e.g. Blackwell)
   EFFATTN_CUDA_HEAD_DIMS   CUDA kernel head dims to compile, e.g. "64;128" (default: all of
-                           32;64;96;128;192;256); other head dims run on the next larger one
+                           build_facts' CUDA_HEAD_DIMS); other head dims run on the next larger one
+  EFFATTN_UNVERIFIED=1     also compile the code that has not yet run where it is meant to: the
+                           Hopper kernels (wgmma + TMA, with 9.0a in the arch list; never run on a
+                           GPU) and the test-only CPU variant avx2_wide. CI sets it, so they keep
+                           compiling; the default build (and the wheel) holds only verified code.
   DEBUG=1                  -O0 -g
   MAX_JOBS                 parallel compile jobs (ninja)
 """
 import glob
 import os
+import runpy
 
 from setuptools import setup
 import torch.utils.cpp_extension as cpp_extension
@@ -29,6 +36,8 @@ cpp_extension.min_supported_cpython = "0x03090000"
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("DEBUG", "0") == "1"
+UNVERIFIED = os.environ.get("EFFATTN_UNVERIFIED", "0") == "1"
+FACTS = runpy.run_path(os.path.join(ROOT, "effattn", "build_facts.py"))  # plain constants, no imports
 TORCH_TARGET = "-DTORCH_TARGET_VERSION=0x020a000000000000"  # stable ABI of torch 2.10
 
 
@@ -42,7 +51,9 @@ def extension():
     # compiler if-convert the clamps of the softmax's exp so those loops vectorise.
     # -ffp-contract=fast: a * b + c on the kernels' vectors becomes one FMA where
     # the ISA variant has it (ISO C++ mode turns contraction off by default).
-    cxx += ["-std=c++17", "-fvisibility=hidden", "-fno-trapping-math", "-ffp-contract=fast", TORCH_TARGET, "-DEFFATTN_PYTHON_MODULE"]
+    cxx += ["-std=c++17", "-fvisibility=hidden", "-fno-trapping-math", "-ffp-contract=fast", TORCH_TARGET,
+            "-DEFFATTN_PYTHON_MODULE"]
+    cxx += ["-DEFFATTN_CPU_AVX2_WIDE=1"] if UNVERIFIED else []
     sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
     # csrc/cuda/dev/ holds GPU-side diagnostics and host checks, not part of the module.
     cuda_sources = [s for s in rel("csrc/cuda/**/*.cu") + rel("csrc/cuda/**/*.cpp")
@@ -50,8 +61,9 @@ def extension():
     # One generated file per (direction, dtype, head dim) kernel: keep the selected head dims.
     head_dims = os.environ.get("EFFATTN_CUDA_HEAD_DIMS", "").replace(",", ";").split(";")
     head_dims = [d.strip() for d in head_dims if d.strip()]
-    if any(d not in ("32", "64", "96", "128", "192", "256") for d in head_dims):
-        raise ValueError(f"EFFATTN_CUDA_HEAD_DIMS: choose among 32;64;96;128;192;256, got {head_dims}")
+    known = [str(d) for d in FACTS["CUDA_HEAD_DIMS"]]
+    if any(d not in known for d in head_dims):
+        raise ValueError(f"EFFATTN_CUDA_HEAD_DIMS: choose among {';'.join(known)}, got {head_dims}")
     cuda_defines = []
     if head_dims:
         cuda_sources = [s for s in cuda_sources if "instantiations" not in s
@@ -69,13 +81,15 @@ def extension():
         # The default, spelled out: torch adds no arch flags of its own once any -gencode is
         # given. sm_90a code runs on sm_90 only; the PTX of plain compute_90 is what newer
         # GPUs (e.g. Blackwell) JIT-compile (the sm_80-class kernels).
-        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ("80", "86", "89", "90a")]
-        nvcc.append("-gencode=arch=compute_90,code=compute_90")
-        sm90a = True
+        archs = [a.replace(".", "") for a in FACTS["CUDA_DEFAULT_ARCHS"]]
+        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        ptx = FACTS["CUDA_PTX_ARCH"].replace(".", "")
+        nvcc.append(f"-gencode=arch=compute_{ptx},code=compute_{ptx}")
+        sm90a = "90a" in archs
     else:
-        # Host code must know whether the Hopper forward's sm_90a body exists in this build.
         sm90a = any(a.split("+")[0] == "9.0a" for a in arch_list.replace(" ", ";").split(";"))
-    nvcc += ["-DEFFATTN_CUDA_SM90A"] if sm90a else []
+    # The Hopper kernels (wgmma, TMA: sm_90a code) only when asked for (EFFATTN_UNVERIFIED=1).
+    nvcc += ["-DEFFATTN_CUDA_SM90A"] if sm90a and UNVERIFIED else []
     return CUDAExtension(
         sources=sources + cuda_sources,
         extra_compile_args={"cxx": cxx + ["-DEFFATTN_WITH_CUDA"], "nvcc": nvcc},

@@ -16,7 +16,7 @@ Sections (each row: effattn and its peer measured in this process, same inputs):
             measured in a fresh process, at two lengths (it should grow like L,
             not L x S);
   head_dim  the FLOP rate over head dims 40 .. 256 relative to 64;
-  isa       each compiled kernel variant this CPU can run (EFFATTN_CPU_ISA).
+  isa       each compiled kernel variant this CPU can run (effattn.config.cpu_isa).
 
 FLOPs: 4 * B * H * L * S * E for the forward (two GEMMs), halved for causal, and
 2.5x that for the backward; for padded batches the FLOPs of the dense problem.
@@ -24,7 +24,6 @@ Times: medians of --iters runs after one warm-up, the methods of a row timed
 round-robin. Writes JSON and a markdown table under bench/results/.
 """
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -200,19 +199,11 @@ def head_dims(B, H, L, dims, iters, log):
 def isa_variants(shape, iters, log):
     B, H, L, E = shape
     q, k, v, dout = inputs(B, H, L, E, torch.float32)
-    names = ISA_NAMES[:min(torch.ops.effattn.cpu_isa(), 2) + 1]
+    from effattn.backends.cpu import runnable_isas
+    names = [n for n in ISA_NAMES if n in runnable_isas()]
 
-    @contextlib.contextmanager
-    def variant(name):  # the kernel reads EFFATTN_CPU_ISA on every call, backward included
-        saved = os.environ.get("EFFATTN_CPU_ISA")
-        os.environ["EFFATTN_CPU_ISA"] = name
-        try:
-            yield
-        finally:
-            if saved is None:
-                os.environ.pop("EFFATTN_CPU_ISA", None)
-            else:
-                os.environ["EFFATTN_CPU_ISA"] = saved
+    def variant(name):  # the op's variant argument comes from the config, backward included
+        return effattn.config.override(cpu_isa=name)
 
     def fwd(name):
         def run():
@@ -307,7 +298,7 @@ def main(argv=None):
     iters = 1 if q else args.iters
     log = lambda s: print(s, flush=True)  # noqa: E731
     res = dict(machine=dict(
-        cpu=cpu_model(), threads=torch.get_num_threads(), isa=ISA_NAMES[torch.ops.effattn.cpu_isa()],
+        cpu=cpu_model(), threads=torch.get_num_threads(), isa=effattn.backends.BY_NAME["cpu"].isa()[0],
         torch=torch.__version__, effattn=effattn.__version__, python=platform.python_version(),
         date=datetime.date.today().isoformat(),
         command="python3 bench/cpu_speed.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()))

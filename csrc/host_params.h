@@ -77,7 +77,10 @@ inline void check_rows(const Tensor& t, const char* name, const FwdParams& p) {
 // Outputs follow the layout of the input they mirror: dims 0..2 in the
 // input's stride order, last dim contiguous. Size-1 dims (whose strides mean
 // nothing) go outermost, so the rule does not depend on their strides.
-// effattn/ops.py implements the same rule for the fake (meta) kernels.
+// effattn/ops.py implements the same rule for the fake (meta) kernels; the
+// strides are those of a contiguous tensor in that dim order (size 0 counted
+// as 1, as torch counts it), so the two agree exactly. One allocation through
+// the C shim, no view op: this runs on every call.
 inline Tensor empty_in_layout_of(const Tensor& like, std::array<int64_t, 4> sizes,
                                  ScalarType dtype) {
   std::array<int64_t, 3> order = {0, 1, 2};
@@ -87,12 +90,22 @@ inline Tensor empty_in_layout_of(const Tensor& like, std::array<int64_t, 4> size
     if (a1) return false;     // keep natural order among size-1 dims
     return like.stride(a) > like.stride(b);
   });
-  std::array<int64_t, 4> physical = {sizes[order[0]], sizes[order[1]],
-                                     sizes[order[2]], sizes[3]};
-  Tensor t = torch::stable::new_empty(like, physical, dtype);
-  std::array<int64_t, 4> inverse = {0, 0, 0, 3};
-  for (int64_t i = 0; i < 3; ++i) inverse[order[i]] = i;
-  return torch::stable::permute(t, inverse);
+  std::array<int64_t, 4> strides = {0, 0, 0, 1};
+  int64_t extent = std::max<int64_t>(sizes[3], 1);
+  for (int64_t i = 2; i >= 0; --i) {  // innermost of dims 0..2 first
+    strides[order[i]] = extent;
+    extent *= std::max<int64_t>(sizes[order[i]], 1);
+  }
+  int32_t device_type = 0, device_index = 0;
+  STD_TORCH_CHECK(aoti_torch_get_device_type(like.get(), &device_type) == AOTI_TORCH_SUCCESS &&
+                      aoti_torch_get_device_index(like.get(), &device_index) == AOTI_TORCH_SUCCESS,
+                  "effattn: could not read a tensor's device");
+  const int32_t dtype_code = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
+  AtenTensorHandle out = nullptr;
+  STD_TORCH_CHECK(aoti_torch_empty_strided(4, sizes.data(), strides.data(), dtype_code, device_type,
+                                           device_index, &out) == AOTI_TORCH_SUCCESS,
+                  "effattn: could not allocate an output tensor");
+  return Tensor(out);
 }
 
 inline RowStrides row_strides(const Tensor& t) {
@@ -117,12 +130,20 @@ inline const int64_t* lengths_ptr(const std::optional<Tensor>& t, const char* na
 }
 
 // Fills everything of FwdParams except the output pointers.
+// The ops' window sides: the spec's band, None for an unbounded side, any
+// int otherwise (|side| beyond the sequence lengths means the same as open).
+using WindowSide = std::optional<int64_t>;
+
+inline int64_t window_side(const WindowSide& side) {
+  if (!side.has_value()) return kUnbounded;
+  return std::max(-kUnbounded, std::min(*side, kUnbounded));
+}
+
 inline FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor& v,
                                  const std::optional<Tensor>& mask,
                                  const std::optional<Tensor>& key_lengths,
-                                 const std::optional<Tensor>& query_lengths,
-                                 double scale, bool is_causal, int64_t window_left,
-                                 int64_t window_right) {
+                                 const std::optional<Tensor>& query_lengths, double scale,
+                                 const WindowSide& window_left, const WindowSide& window_right) {
   check_attention_tensor(q, "query");
   check_attention_tensor(k, "key");
   check_attention_tensor(v, "value");
@@ -150,8 +171,6 @@ inline FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor&
   STD_TORCH_CHECK(p.heads_kv > 0 ? p.heads_q % p.heads_kv == 0 : p.heads_q == 0,
                   "effattn: query heads (", p.heads_q,
                   ") must be a multiple of key/value heads (", p.heads_kv, ")");
-  STD_TORCH_CHECK(window_left >= kUnbounded && window_right >= kUnbounded,
-                  "effattn: window sizes must be >= 0, or -1 for unbounded");
 
   p.q = q.const_data_ptr();
   p.k = k.const_data_ptr();
@@ -184,10 +203,8 @@ inline FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor&
   p.query_lengths = lengths_ptr(query_lengths, "query_lengths", p.batch, p.seqlen_q);
 
   p.scale = scale;
-  p.window_left = window_left;
-  p.window_right = window_right;
-  if (is_causal)  // top-left aligned, as SDPA's is_causal
-    p.window_right = window_right == kUnbounded ? 0 : std::min<int64_t>(window_right, 0);
+  p.window_left = window_side(window_left);
+  p.window_right = window_side(window_right);
   return p;
 }
 
@@ -201,9 +218,9 @@ inline FwdCall make_fwd_call(const Tensor& q, const Tensor& k, const Tensor& v,
                              const std::optional<Tensor>& mask,
                              const std::optional<Tensor>& key_lengths,
                              const std::optional<Tensor>& query_lengths, double scale,
-                             bool is_causal, int64_t window_left, int64_t window_right) {
-  FwdParams p = make_fwd_params(q, k, v, mask, key_lengths, query_lengths, scale, is_causal,
-                                window_left, window_right);
+                             const WindowSide& window_left, const WindowSide& window_right) {
+  FwdParams p = make_fwd_params(q, k, v, mask, key_lengths, query_lengths, scale, window_left,
+                                window_right);
   Tensor out = empty_in_layout_of(q, {p.batch, p.heads_q, p.seqlen_q, p.head_dim_v},
                                   q.scalar_type());
   Tensor lse = torch::stable::new_empty(q, {p.batch, p.heads_q, p.seqlen_q},
@@ -227,10 +244,10 @@ inline BwdCall make_bwd_call(const Tensor& grad_out, const std::optional<Tensor>
                              const Tensor& lse, const std::optional<Tensor>& mask,
                              const std::optional<Tensor>& key_lengths,
                              const std::optional<Tensor>& query_lengths, double scale,
-                             bool is_causal, int64_t window_left, int64_t window_right) {
+                             const WindowSide& window_left, const WindowSide& window_right) {
   BwdParams p;
   static_cast<FwdParams&>(p) = make_fwd_params(q, k, v, mask, key_lengths, query_lengths, scale,
-                                               is_causal, window_left, window_right);
+                                               window_left, window_right);
   const ScalarType acc = accum_dtype(q.scalar_type());
   check_attention_tensor(grad_out, "grad_out");
   check_attention_tensor(out, "out");

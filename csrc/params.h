@@ -19,8 +19,11 @@ enum class MaskKind : int32_t {
   kFloat32 = 3,   // additive bias in float32 (allowed for any q dtype)
 };
 
-// "No bound" for a window side.
-constexpr int64_t kUnbounded = -1;
+// An unbounded window side: a bound no index reaches (|index| < 2^31), so the
+// CPU kernels need no flag for it: i - kUnbounded and i + kUnbounded lie past
+// every key. (The CUDA kernels predate this and read a negative side as
+// unbounded: their host code converts, csrc/cuda/attention_cuda.cpp.)
+constexpr int64_t kUnbounded = int64_t(1) << 40;
 
 // Element strides of a (batch, heads, rows, dim) tensor whose last dim has
 // stride 1.
@@ -52,9 +55,10 @@ struct FwdParams {
 
   // ---- semantics ---------------------------------------------------------
   double scale = 1.0;
-  // Query row i may see key j iff  i - window_left <= j <= i + window_right,
-  // a side equal to kUnbounded being open. is_causal is folded in by the host
-  // (window_right = min(window_right, 0)), top-left aligned as in SDPA.
+  // Query row i may see key j iff  i - window_left <= j <= i + window_right:
+  // the spec's band (effattn/spec.py), causal masking already folded in. A
+  // side may be negative (e.g. bottom-right causal with Lq > Lk); kUnbounded
+  // for an open side.
   int64_t window_left = kUnbounded;
   int64_t window_right = kUnbounded;
 

@@ -23,8 +23,13 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attend) or float (added to the scores), broadcastable to (..., Hq, L, S);
     ``is_causal`` top-left aligned (query i sees keys j <= i); ``scale``
     defaulting to 1/sqrt(E); ``enable_gqa`` for Hq a multiple of Hkv.
-    ``dropout_p`` must be 0 (not supported yet). Unlike SDPA, ``attn_mask``
-    and ``is_causal`` may be combined.
+    SDPA's causal mask objects are understood as what they mean, with no
+    mask tensor: ``attn_mask=torch.nn.attention.bias.causal_upper_left(L, S)``
+    (as ``is_causal``) and ``causal_lower_right(L, S)`` (bottom-right aligned,
+    FlashAttention's convention for L != S: query i sees keys
+    j <= i + S - L). ``dropout_p`` > 0 is not supported yet (no backend
+    serves it: NotImplementedError). Unlike SDPA, ``attn_mask`` and
+    ``is_causal`` may be combined.
 
     Extras:
       key_lengths, query_lengths: int tensors of the batch shape (B,): keys at
@@ -40,7 +45,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     A query row that sees no key returns zeros and zero gradients.
     """
     spec = make_spec(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                     key_lengths=key_lengths, query_lengths=query_lengths, window=window)
+                     key_lengths=key_lengths, query_lengths=query_lengths, window=window,
+                     return_lse=return_lse)
     chosen = _backends.select(spec, backend)
     out, lse = chosen.forward(spec)
     out = spec.to_caller_shape(out)

@@ -1,13 +1,26 @@
-"""Python registrations for the C++ ops declared in csrc/ops.cpp.
+"""The one op layer, shared by every op family.
 
-* ``register_fake`` for ``effattn::fwd`` and ``effattn::bwd`` so that
-  ``torch.compile`` and other tracers see shapes, dtypes and strides;
-* ``register_autograd`` for ``effattn::fwd`` so that its backward is the
-  recompute kernel ``effattn::bwd`` (the forward saves only out and the lse).
-* ``EagerCaller``: how the backends call such an op, skipping torch.library's
-  costly autograd wrapper in eager mode (same backward, same saved tensors).
+effattn's kernels are custom ops in families of two, a forward and its
+recompute backward: the C++ ops ``effattn::fwd`` / ``effattn::bwd`` (declared
+in csrc/ops.cpp; the CPU and CUDA kernels) and the Triton ops
+``effattn::triton_fwd`` / ``effattn::triton_bwd`` (effattn/triton/ops.py).
+Every family takes the same arguments with the same meaning::
 
-Importing this module loads ``effattn._C``; ``LOAD_ERROR`` holds why that
+    fwd(q, k, v, mask, key_lengths, query_lengths, scale, window_left, window_right, variant)
+        -> (out, lse)
+    bwd(grad_out, grad_lse, q, k, v, out, lse, mask, key_lengths, query_lengths, scale,
+        window_left, window_right, variant) -> (grad_q, grad_k, grad_v)
+
+in the canonical layout of effattn/spec.py; the window sides are the spec's
+band (causal already folded in; None for an unbounded side, any int
+otherwise) and ``variant`` is the kernel variant the backend chose (its
+meaning is the family's: see the backend).
+
+This module holds what the families share: the contract check
+(``check_op_args``, for the fake kernels and the Triton ops; csrc/host_params.h
+checks the same in C++), the output layout rule (``empty_in_layout_of``), the
+recompute autograd, and the eager caller; ``OpFamily`` wires them for one
+pair of ops. Importing it loads ``effattn._C``; ``LOAD_ERROR`` holds why that
 failed (the cpu backend then reports it as its reason).
 """
 from __future__ import annotations
@@ -42,31 +55,9 @@ def empty_in_layout_of(like: torch.Tensor, sizes: Sequence[int], dtype: torch.dt
     return t.permute(*inverse)
 
 
-def recompute_autograd(bwd_op):
-    """(backward, setup_context) for a forward op whose inputs are
-    (q, k, v, mask, key_lengths, query_lengths, *flags) and outputs (out, lse):
-    it saves those and calls ``bwd_op()(grad_out, grad_lse, q, k, v, out, lse,
-    mask, key_lengths, query_lengths, *flags)`` -> (dq, dk, dv). Shared by the
-    C++ ops and the Triton ops."""
-    def setup_context(ctx, inputs, output):
-        out, lse = output
-        # An unused lse gets None as its gradient, not a materialised zero
-        # tensor (the backward ops take grad_lse as optional); likewise out.
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*inputs[:3], out, lse, *inputs[3:6])
-        ctx.flags = tuple(inputs[6:])
-
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, mask, key_lengths, query_lengths = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        elif grad_out.shape[-1] > 1 and grad_out.stride(-1) != 1:
-            grad_out = grad_out.contiguous()  # e.g. the stride-0 gradient of out.sum()
-        dq, dk, dv = bwd_op()(grad_out, grad_lse, q, k, v, out, lse, mask, key_lengths, query_lengths,
-                              *ctx.flags)
-        return (dq, dk, dv) + (None,) * (3 + len(ctx.flags))
-
-    return backward, setup_context
+def _below_autograd():
+    """A guard under which ops dispatch straight to their kernels."""
+    return torch._C._AutoDispatchBelowAutograd()
 
 
 DOUBLE_BACKWARD_ERROR = (
@@ -74,66 +65,91 @@ DOUBLE_BACKWARD_ERROR = (
     "(double backward, e.g. a gradient penalty) is not supported; effattn.attention(..., backend='reference') "
     "supports it")
 
-
-def not_differentiable_autograd():
-    """(backward, setup_context) for a backward op: computing its gradient raises
-    DOUBLE_BACKWARD_ERROR. Registered so that gradients taken with
-    create_graph=True carry a graph that fails loudly when differentiated,
-    rather than none (their dependence on q, k, v silently dropped)."""
-    def setup_context(ctx, inputs, output):
-        pass
-
-    def backward(ctx, *grads):
-        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-
-    return backward, setup_context
+# The forward's arguments after (q, k, v): the optional tensors, then the flags.
+_TENSOR_ARGS = 6  # q, k, v, mask, key_lengths, query_lengths
 
 
-def _below_autograd():
-    """A guard under which ops dispatch straight to their kernels."""
-    return torch._C._AutoDispatchBelowAutograd()
+class OpFamily:
+    """A forward op and its recompute backward, taking the arguments of the module
+    docstring. Registers, once:
 
+    * the forward's autograd: setup_context saves q, k, v, out, lse and the optional
+      tensors (nothing of size L x S) and the backward calls the backward op;
+    * the backward op's autograd: differentiating it raises DOUBLE_BACKWARD_ERROR, so
+      gradients taken with create_graph=True carry a graph that fails loudly when
+      differentiated, rather than none (their dependence on q, k, v silently dropped);
+    * an eager caller that skips torch.library's autograd wrapper, which costs tens of
+      microseconds per call: below autograd when no input needs a gradient, else a
+      plain autograd.Function made of the same backward and setup_context. Under
+      torch.compile the op itself is called, so graphs hold the custom op and its
+      registered autograd.
+    """
 
-class EagerCaller:
-    """Calls a forward op registered with ``recompute_autograd`` in eager mode
-    without torch.library's autograd wrapper, which costs tens of microseconds
-    per call (about 65 us of the 95 us of a small effattn::fwd call with grads
-    on the 2-core CPU machine): below autograd when no input needs a gradient,
-    else through a plain autograd.Function made of the same backward and
-    setup_context. Under torch.compile the op itself is called, so graphs hold
-    the custom op and its registered autograd."""
-
-    def __init__(self, fwd_op, backward, setup_context):
-        self.fwd_op = fwd_op
+    def __init__(self, fwd_op, bwd_op):
+        self.fwd_op, self.bwd_op = fwd_op, bwd_op
+        # The bound C++ callables behind the OpOverloads (what their __call__ calls), for the
+        # eager calls below autograd: one Python frame less per call.
+        self._fwd_raw = fwd_raw = fwd_op._op
+        torch.library.register_autograd(fwd_op._schema.name, self._backward, setup_context=self._setup_context)
+        torch.library.register_autograd(bwd_op._schema.name, self._double_backward, setup_context=self._no_context)
+        family = self
 
         class Function(torch.autograd.Function):
             @staticmethod
-            def forward(*args):
+            def forward(ctx, *args):
                 with _below_autograd():
-                    return fwd_op(*args)
-
-            @staticmethod
-            def setup_context(ctx, inputs, output):
-                setup_context(ctx, inputs, output)
+                    output = fwd_raw(*args)
+                family._setup_context(ctx, args, output)
+                return output
 
             @staticmethod
             def backward(ctx, grad_out, grad_lse):
                 if torch.is_grad_enabled():
                     # create_graph=True: the backward op records its own autograd
-                    # (not_differentiable_autograd), so a second backward raises.
-                    return backward(ctx, grad_out, grad_lse)
+                    # (_double_backward), so a second backward raises.
+                    return family._backward(ctx, grad_out, grad_lse)
                 with _below_autograd():  # the usual case: skip that wrapper's cost too
-                    return backward(ctx, grad_out, grad_lse)
+                    return family._backward(ctx, grad_out, grad_lse)
 
-        self.function = Function
+        self._function = Function
 
-    def __call__(self, *args):
+    @staticmethod
+    def _setup_context(ctx, inputs, output):
+        out, lse = output
+        # An unused lse gets None as its gradient, not a materialised zero tensor
+        # (the backward ops take grad_lse as optional); likewise out.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs[:3], out, lse, *inputs[3:_TENSOR_ARGS])
+        ctx.flags = inputs[_TENSOR_ARGS:]
+
+    def _backward(self, ctx, grad_out, grad_lse):
+        q, k, v, out, lse, mask, key_lengths, query_lengths = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        elif grad_out.stride(-1) != 1 and grad_out.shape[-1] > 1:
+            grad_out = grad_out.contiguous()  # e.g. the stride-0 gradient of out.sum()
+        dq, dk, dv = self.bwd_op(grad_out, grad_lse, q, k, v, out, lse, mask, key_lengths, query_lengths,
+                                 *ctx.flags)
+        return (dq, dk, dv) + (None,) * (_TENSOR_ARGS - 3 + len(ctx.flags))
+
+    @staticmethod
+    def _no_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def _double_backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+    def __call__(self, spec, variant: int):
+        """(out, lse) of the forward op on a normalised AttentionSpec, differentiable."""
+        args = (spec.q, spec.k, spec.v, spec.mask, spec.key_lengths, spec.query_lengths, spec.scale,
+                spec.band[0], spec.band[1], variant)
         if torch.compiler.is_compiling():
             return self.fwd_op(*args)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in args[:3]):
-            return self.function.apply(*args)
+        if torch.is_grad_enabled() and (spec.q.requires_grad or spec.k.requires_grad or spec.v.requires_grad):
+            return self._function.apply(*args)
         with _below_autograd():
-            return self.fwd_op(*args)
+            return self._fwd_raw(*args)
 
 
 _FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -143,13 +159,12 @@ def _fail(msg: str):
     raise RuntimeError("effattn: " + msg)
 
 
-def check_op_args(q, k, v, mask, key_lengths, query_lengths, window, backward=None):
+def check_op_args(q, k, v, mask, key_lengths, query_lengths, backward=None):
     """The ops' contract on their tensors, as csrc/host_params.h checks it for effattn::fwd
     and effattn::bwd: for their fake kernels (torch.compile tracing, meta tensors) and for
     the Triton ops, whose kernels would otherwise read out of bounds. effattn.attention
     establishes it (effattn/spec.py); these checks are for direct calls of the ops.
-    ``window``: (left, right); ``backward``: dict of grad_out, grad_lse, out, lse.
-    Raises RuntimeError."""
+    ``backward``: dict of grad_out, grad_lse, out, lse. Raises RuntimeError."""
     for name, t in (("query", q), ("key", k), ("value", v)):
         if t.dim() != 4:
             _fail(f"{name} must be 4-D (batch, heads, seq, dim), got {t.dim()} dims")
@@ -167,8 +182,6 @@ def check_op_args(q, k, v, mask, key_lengths, query_lengths, window, backward=No
             _fail(f"{name}.size({dim}) = {t.shape[dim]} but expected {want} ({what})")
     if (H % HKV if HKV else H):  # (no heads at all is an empty call)
         _fail(f"query heads ({H}) must be a multiple of key/value heads ({HKV})")
-    if min(window) < -1:
-        _fail("window sizes must be >= 0, or -1 for unbounded")
     named = {"key": k, "value": v, "attn_mask": mask, "key_lengths": key_lengths, "query_lengths": query_lengths}
     if mask is not None:
         if mask.dim() != 4 or tuple(mask.shape) != (B, H, L, S):
@@ -211,11 +224,12 @@ def check_op_args(q, k, v, mask, key_lengths, query_lengths, window, backward=No
             _fail(f"{name} is on {t.device} but query is on {q.device}")
 
 
+
 if LOAD_ERROR is None:
 
     @torch.library.register_fake("effattn::fwd")
-    def _fwd_fake(q, k, v, mask, key_lengths, query_lengths, scale, is_causal, window_left, window_right):
-        check_op_args(q, k, v, mask, key_lengths, query_lengths, (window_left, window_right))
+    def _fwd_fake(q, k, v, mask, key_lengths, query_lengths, scale, window_left, window_right, variant):
+        check_op_args(q, k, v, mask, key_lengths, query_lengths)
         B, H, L, _ = q.shape
         out = empty_in_layout_of(q, (B, H, L, v.shape[3]), q.dtype)
         lse = q.new_empty((B, H, L), dtype=accum_dtype(q.dtype))
@@ -223,20 +237,11 @@ if LOAD_ERROR is None:
 
     @torch.library.register_fake("effattn::bwd")
     def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, mask, key_lengths, query_lengths, scale,
-                  is_causal, window_left, window_right):
-        check_op_args(q, k, v, mask, key_lengths, query_lengths, (window_left, window_right),
+                  window_left, window_right, variant):
+        check_op_args(q, k, v, mask, key_lengths, query_lengths,
                       dict(grad_out=grad_out, grad_lse=grad_lse, out=out, lse=lse))
         return (empty_in_layout_of(q, q.shape, q.dtype), empty_in_layout_of(k, k.shape, k.dtype),
                 empty_in_layout_of(v, v.shape, v.dtype))
 
-    _backward, _setup_context = recompute_autograd(lambda: torch.ops.effattn.bwd)
-    torch.library.register_autograd("effattn::fwd", _backward, setup_context=_setup_context)
-    _no_backward, _no_context = not_differentiable_autograd()
-    torch.library.register_autograd("effattn::bwd", _no_backward, setup_context=_no_context)
-    _call_fwd = EagerCaller(torch.ops.effattn.fwd.default, _backward, _setup_context)
-
-
-def fwd(spec) -> "tuple[torch.Tensor, torch.Tensor]":
-    """Runs effattn::fwd (differentiable) on a normalised AttentionSpec."""
-    return _call_fwd(spec.q, spec.k, spec.v, spec.mask, spec.key_lengths, spec.query_lengths,
-                     spec.scale, spec.is_causal, spec.window_left, spec.window_right)
+    #: The C++ ops: the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda).
+    CPP = OpFamily(torch.ops.effattn.fwd.default, torch.ops.effattn.bwd.default)

@@ -12,21 +12,20 @@ from typing import Optional, Tuple
 
 import torch
 
-from .spec import AttentionSpec, make_spec
+from .spec import AttentionSpec, feature_words, make_spec
 
 
 def structure_mask(spec: AttentionSpec) -> torch.Tensor:
-    """Bool (B, 1, L, S): True where causal/window/lengths let query i see key j."""
+    """Bool (B, 1, L, S): True where the band (causal masking folded in by the spec)
+    and the lengths let query i see key j."""
     L, S, dev = spec.seqlen_q, spec.seqlen_k, spec.device
     i = torch.arange(L, device=dev).view(1, 1, L, 1)
     j = torch.arange(S, device=dev).view(1, 1, 1, S)
     allowed = torch.ones(1, 1, L, S, dtype=torch.bool, device=dev)
-    left, right = spec.window
-    if spec.is_causal:  # top-left aligned, as SDPA
-        right = 0 if right < 0 else min(right, 0)
-    if left >= 0:
+    left, right = spec.band
+    if left is not None:
         allowed = allowed & (j >= i - left)
-    if right >= 0:
+    if right is not None:
         allowed = allowed & (j <= i + right)
     if spec.key_lengths is not None:
         allowed = allowed & (j < spec.key_lengths.view(-1, 1, 1, 1))
@@ -77,7 +76,13 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 
     compute_dtype=torch.float64 gives the oracle's answer, in float64."""
     spec = make_spec(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                     key_lengths=key_lengths, query_lengths=query_lengths, window=window)
+                     key_lengths=key_lengths, query_lengths=query_lengths, window=window, return_lse=return_lse)
+    if spec.features & ~ReferenceBackend.features:  # (the one source of what the reference implements)
+        raise NotImplementedError("effattn.reference: does not support "
+                                  + "; ".join(feature_words(spec.features & ~ReferenceBackend.features)))
     out, lse = reference_forward(spec, compute_dtype)
     out = spec.to_caller_shape(out)
     return (out, spec.to_caller_shape(lse)) if return_lse else out
+
+
+from .backends.reference import ReferenceBackend  # noqa: E402  (it imports this module)

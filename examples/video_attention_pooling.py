@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import effattn
+from effattn.diagnostics import check
 
 
 class ScenarioPooling(nn.Module):
@@ -110,6 +111,9 @@ def run(args, scenario, prototypes, test_set):
     model = VideoModel(args.frame_dim, args.gru_dim, args.att_dim, args.classes, scenario=scenario)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches for both models
+    frames, lengths, labels = (t[:args.batch] for t in test_set)  # the clips check() looks at
+    probe = ((frames, lengths), labels)
+    report_start = check(model, probe, F.cross_entropy)  # changes nothing in the model
     losses, grad_norms, t0 = [], None, time.perf_counter()
     for step in range(args.steps):
         frames, lengths, labels = make_clips(args.batch, args.max_frames, args.frame_dim, prototypes, gen,
@@ -122,6 +126,7 @@ def run(args, scenario, prototypes, test_set):
         opt.step()
         losses.append(loss.item())
     seconds = time.perf_counter() - t0
+    report_end = check(model, probe, F.cross_entropy)
 
     model.eval()
     frames, lengths, labels = test_set
@@ -136,7 +141,8 @@ def run(args, scenario, prototypes, test_set):
                 test_loss=F.cross_entropy(logits, labels).item(),
                 test_acc=(logits.argmax(1) == labels).float().mean().item(),
                 test_acc_padded=(longer.argmax(1) == labels).float().mean().item(),
-                pad_mass=pad_mass, padding_change=(longer - logits).abs().max().item())
+                pad_mass=pad_mass, padding_change=(longer - logits).abs().max().item(),
+                report_start=report_start, report_end=report_end)
 
 
 def main(argv=None):
@@ -162,6 +168,10 @@ def main(argv=None):
         print(f"{name:8s}  {sum(r['losses'][:k]) / k:6.3f} -> {sum(r['losses'][-k:]) / k:6.3f}"
               f"             {r['test_loss']:9.3f}  {r['test_acc']:8.3f}  {r['pad_mass']:20.3f}"
               f"  {r['test_acc_padded']:30.3f}, {r['padding_change']:16.2e}  {r['seconds']:4.1f} s")
+    for name in ("scenario", "effattn"):
+        print(f"\n--- {name}: effattn.diagnostics.check() on {args.batch} test clips, before training ---\n"
+              f"{results[name]['report_start']}")
+        print(f"\n--- {name}: the same after {args.steps} steps ---\n{results[name]['report_end']}")
     return results
 
 

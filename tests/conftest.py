@@ -69,10 +69,16 @@ def _leaf64(t):
     return t.detach().double().requires_grad_(True)
 
 
+def _is_mask_object(m):
+    """SDPA's causal mask objects (torch.nn.attention.bias): no data, no device."""
+    from torch.nn.attention.bias import CausalBias
+    return isinstance(m, CausalBias)
+
+
 def _mask64(kw):
     kw = dict(kw)
     m = kw.get("attn_mask")
-    if m is not None and m.dtype != torch.bool:
+    if m is not None and m.dtype != torch.bool and not _is_mask_object(m):
         kw["attn_mask"] = m.double()
     return kw
 
@@ -82,7 +88,7 @@ def on_device(device, *tensors):
     requires_grad, other tensors (masks, lengths) are moved as they are."""
     out = []
     for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type != device:
+        if isinstance(t, torch.Tensor) and t.device.type != device and not _is_mask_object(t):
             leaf = t.is_leaf and t.requires_grad
             t = t.detach().to(device).requires_grad_(leaf) if leaf else t.to(device)
         out.append(t)
@@ -185,9 +191,10 @@ def assert_bound(name, got, same_precision, oracle, dtype, floor=True):
 
 
 # The CPU kernel is compiled once per instruction set and picks the widest at
-# run time (csrc/cpu/kernels.h); EFFATTN_CPU_ISA selects a narrower one.
-# avx2_wide is the AVX-512 variant's 16-lane source compiled for AVX2, so its
-# code paths are tested on machines without AVX-512.
+# run time (csrc/cpu/kernels.h); effattn.config.cpu_isa selects a narrower one.
+# avx2_wide is the AVX-512 variant's 16-lane source compiled for AVX2 (a build
+# with EFFATTN_UNVERIFIED=1, as CI's), so its code paths are tested on
+# machines without AVX-512.
 CPU_ISAS = ["baseline", "avx2", "avx2_wide", "avx512"]
 
 
@@ -195,19 +202,17 @@ def cpu_isa_runs_here(name):
     """(runs, reason) for a CPU kernel variant on this machine."""
     if effattn.ops.LOAD_ERROR:
         return False, effattn.ops.LOAD_ERROR
-    saved = os.environ.get("EFFATTN_CPU_ISA")
-    try:
-        os.environ["EFFATTN_CPU_ISA"] = name
-        torch.ops.effattn.cpu_isa()
+    from effattn.backends import cpu
+    if name in cpu.runnable_isas():
         return True, ""
-    except RuntimeError as exc:
-        msg = str(exc).splitlines()[0]
-        return False, msg[msg.find("effattn (cpu)"):]  # without the C++ source location
-    finally:
-        if saved is None:
-            os.environ.pop("EFFATTN_CPU_ISA", None)
-        else:
-            os.environ["EFFATTN_CPU_ISA"] = saved
+    if name == "avx2_wide" and "avx2" in cpu.runnable_isas():
+        return False, "a test-only variant, not in this build (EFFATTN_UNVERIFIED=1 builds it)"
+    return False, f"this CPU runs {', '.join(cpu.runnable_isas())}"
+
+
+def cpu_variant():
+    """The CPU ops' `variant` argument (an Isa value) for the configured ISA, for raw op calls."""
+    return effattn.backends.BY_NAME["cpu"].isa()[1]
 
 
 class BackendCase(str):
@@ -257,7 +262,7 @@ def backend(request, monkeypatch):
     """The backend under test (a BackendCase); float32 runs exact (not TF32)."""
     case = request.param
     if case.isa:
-        monkeypatch.setenv("EFFATTN_CPU_ISA", case.isa)
+        monkeypatch.setattr(effattn.config, "cpu_isa", case.isa)
     if case == "triton":
         from effattn.backends import triton as triton_backend
         saved = triton_backend.get_float32_precision()

@@ -38,6 +38,7 @@ from effattn import spec as spec_module  # noqa: E402
 from effattn.backends import PRIORITY, select  # noqa: E402
 
 spec_module.AttentionSpec.device = property(lambda self: torch.device("cuda", 0))
+spec_module.AttentionSpec.device_type = property(lambda self: "cuda")
 
 
 def picker(backend, mask_grad=False):

@@ -156,3 +156,68 @@ def test_cuda_code_paths_with_fake_cuda(tmp_path, monkeypatch):
     budget.main(["--quick", "--device", "cuda", "--out", str(tmp_path), "--methods", "naive"])
     saved = json.loads((tmp_path / "budget-cuda-quick.json").read_text())
     assert saved["longest"][0]["longest_L"] > 0
+
+
+def test_diagnostics_overhead_quick(tmp_path):
+    import diagnostics_overhead
+
+    res = diagnostics_overhead.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "diagnostics-overhead-cpu-quick.json").read_text())
+    _check_meta(saved)
+    assert [r["model"] for r in saved["rows"]] == [r["model"] for r in res["rows"]]
+    for row in saved["rows"]:
+        assert row["plain_ms"] > 0 and row["GradientFlow_ms"] > 0 and row["check_ms"] > 0
+        assert row["layers"] >= 3  # the recorder saw the models' layers
+    assert saved["rows"][1]["sequences"] == 1  # the LSTM's input, through time
+
+# ---------------------------------------------------------------------------
+# bench/context_parallel.py (issue 20)
+# ---------------------------------------------------------------------------
+
+@linux_only
+def test_context_parallel_quick(tmp_path):
+    import context_parallel
+
+    res = context_parallel.main(["--quick", "--procs", "1,2", "--cases", "causal", "--methods", "single,ring",
+                                 "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "context-parallel-cpu-quick.json").read_text())
+    _check_meta(saved)
+    got = {(s["method"], s["P"]): s for s in saved["summary"]}
+    assert set(got) == {("single", 1), ("ring", 1), ("ring", 2)}
+    for s in got.values():
+        assert s["fwd_ms"] > 0 and s["bwd_ms"] > 0 and s["validation_error"] < 1e-5
+    # q, k, v, out and their gradients per rank halve with two ranks
+    assert got[("ring", 2)]["io_bytes"] * 2 == got[("ring", 1)]["io_bytes"]
+    ring2 = [r for r in saved["rows"] if r["method"] == "ring" and r["P"] == 2]
+    assert all(r["traffic"]["forward_kv"] == 1 and r["traffic"]["backward_dkv"] == 1 for r in ring2)
+    assert res["gpu_model"]["rows"] and (tmp_path / "context-parallel-cpu-quick.md").read_text().count("|") > 50
+
+
+def test_context_parallel_gpu_model():
+    """The scaling model's arithmetic: slower links and more KV heads need longer blocks to hide."""
+    import context_parallel
+
+    rows = context_parallel.gpu_model()["rows"]
+    assert rows
+    for r in rows:
+        for phase in ("fwd", "bwd"):
+            assert r[f"ib_{phase}_c"] >= r[f"nvlink_{phase}_c"]
+        at = r["nvlink_at_c"]
+        assert at["fwd_compute_us"] >= at["fwd_transfer_us"] and at["bwd_compute_us"] >= at["bwd_transfer_us"]
+    by = {(r["E"], r["causal"], r["Hkv"] == r["H"]): r for r in rows}
+    for (E, causal, mha), r in by.items():
+        if mha and (E, causal, False) in by:
+            assert r["ib_fwd_c"] >= by[(E, causal, False)]["ib_fwd_c"]
+
+
+def test_overhead_quick(tmp_path):
+    """bench/overhead.py end to end: its child processes (the CPU modes against SDPA, the CUDA
+    host path with the driver's stand-ins and the launches stubbed) and its records."""
+    from conftest import run_checked
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "overhead.py")
+    run_checked([sys.executable, script, "--quick", "--out", str(tmp_path)], timeout=600)
+    saved = json.loads((tmp_path / "overhead-cpu-quick.json").read_text())
+    assert [r["mode"] for r in saved["cpu"]] == ["no_grad", "grad", "fwd_bwd"]
+    assert all(r["effattn_us"] > 0 and r["sdpa_us"] > 0 for r in saved["cpu"])
+    assert {h["what"] for h in saved["cuda_host"]} >= {"make_spec + select"}
+    assert "effattn / SDPA" in (tmp_path / "overhead-cpu-quick.md").read_text()

@@ -1,6 +1,10 @@
 """The CPU kernel's per-ISA variants (csrc/cpu/kernels.h): which one runs, how
 to ask for another, and that they agree. The option matrix against the oracle
 (test_attention.py) runs once per variant through the backend fixture (conftest.backend_cases)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -20,31 +24,41 @@ def _cpu_flags():
 
 
 def test_widest_variant_is_the_default(monkeypatch):
-    monkeypatch.delenv("EFFATTN_CPU_ISA", raising=False)
+    monkeypatch.setattr(effattn.config, "cpu_isa", "auto")
     flags = _cpu_flags()
     if flags is None:
         pytest.skip("no /proc/cpuinfo to compare with")
     if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma", "f16c"} <= flags:
-        want = 2
+        want = "avx512"
     elif {"avx2", "fma", "f16c"} <= flags:
-        want = 1
+        want = "avx2"
     else:
-        want = 0
-    assert torch.ops.effattn.cpu_isa() == want
+        want = "baseline"
+    q, k, v = make_qkv(L=8, S=8)
+    assert effattn.backends(q, k, v).variants["cpu"] == want
+    assert "cpu: ok (" + want + ")" in str(effattn.backends(q, k, v))
 
 
 def test_requested_variant_is_used(monkeypatch):
-    for value, name in enumerate(CPU_ISAS):
+    """The variant the config names is the one the op runs: a variant the build lacks
+    or the CPU cannot run, passed to the op directly, is refused by the op itself."""
+    from effattn.backends.cpu import ISAS
+    q, k, v = make_qkv(L=8, S=8, requires_grad=False)
+    for name in CPU_ISAS:
+        monkeypatch.setattr(effattn.config, "cpu_isa", name)
         if cpu_isa_runs_here(name)[0]:
-            monkeypatch.setenv("EFFATTN_CPU_ISA", name)
-            assert torch.ops.effattn.cpu_isa() == {"baseline": 0, "avx2": 1, "avx512": 2,
-                                                   "avx2_wide": 3}[name]
+            assert effattn.backends(q, k, v).variants["cpu"] == name
+            assert effattn.backends.BY_NAME["cpu"].isa() == (name, ISAS.index(name))
+            effattn.attention(q, k, v)
+        else:
+            with pytest.raises(RuntimeError, match="does not run on this CPU"):
+                torch.ops.effattn.fwd(q, k, v, None, None, None, 0.25, None, None, ISAS.index(name))
 
 
 def test_unknown_variant_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("EFFATTN_CPU_ISA", "sse9")
+    monkeypatch.setattr(effattn.config, "cpu_isa", "sse9")
     q, k, v = make_qkv(L=8, S=8)
-    with pytest.raises(RuntimeError, match="EFFATTN_CPU_ISA=sse9 is not one of"):
+    with pytest.raises(ValueError, match=r"effattn.config.cpu_isa \(environment EFFATTN_CPU_ISA\) = 'sse9' is not one of"):
         effattn.attention(q, k, v)
 
 
@@ -52,10 +66,20 @@ def test_unsupported_variant_is_a_clear_error(monkeypatch):
     missing = [n for n in CPU_ISAS if not cpu_isa_runs_here(n)[0]]
     if not missing:
         pytest.skip("this CPU runs every variant")
-    monkeypatch.setenv("EFFATTN_CPU_ISA", missing[0])
+    monkeypatch.setattr(effattn.config, "cpu_isa", missing[0])
     q, k, v = make_qkv(L=8, S=8)
-    with pytest.raises(RuntimeError, match="this CPU supports at most"):
+    with pytest.raises(ValueError, match="that variant does not run here"):
         effattn.attention(q, k, v)
+    # and effattn.backends says so rather than failing
+    assert "does not run here" in effattn.backends(q, k, v).variants["cpu"]
+
+
+def test_environment_variable_is_the_default():
+    """EFFATTN_CPU_ISA, read once at import, is the config's default (a fresh process)."""
+    code = "import effattn; print(effattn.config.cpu_isa)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "EFFATTN_CPU_ISA": "baseline"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "baseline"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -69,7 +93,7 @@ def test_variants_agree(monkeypatch, dtype):
     for name in CPU_ISAS:
         if not cpu_isa_runs_here(name)[0]:
             continue
-        monkeypatch.setenv("EFFATTN_CPU_ISA", name)
+        monkeypatch.setattr(effattn.config, "cpu_isa", name)
         qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
         outs[name] = check_against_oracle(qq, kk, vv, "cpu", enable_gqa=True, window=(20, 5),
                                           key_lengths=lengths).detach()
@@ -90,7 +114,7 @@ def test_float32_gradients_at_large_logits(monkeypatch, isa, mask):
     runs, reason = cpu_isa_runs_here(isa)
     if not runs:
         pytest.skip(f"{isa}: {reason}")
-    monkeypatch.setenv("EFFATTN_CPU_ISA", isa)
+    monkeypatch.setattr(effattn.config, "cpu_isa", isa)
     q, k, v = make_qkv(B=2, Hq=2, L=130, S=97, E=72, dtype=torch.float32, seed=5)
     kw = dict(scale=2.0)
     if mask == "float":

@@ -132,7 +132,7 @@ def test_head_dims(fwd_kernel, E, dtype):
 
 def skip_without_sm90():
     if not sm90_kernels_compiled():
-        pytest.skip("this build has no Hopper kernels (TORCH_CUDA_ARCH_LIST without 9.0a)")
+        pytest.skip("this build has no Hopper kernels (they are built with EFFATTN_UNVERIFIED=1 and 9.0a in the arch list)")
     if torch.cuda.get_device_capability() != (9, 0):
         cc = "".join(map(str, torch.cuda.get_device_capability()))
         pytest.skip(f"the Hopper kernels need an sm_90 GPU, this is sm_{cc}")
@@ -141,13 +141,13 @@ def skip_without_sm90():
 @pytest.fixture(params=["sm80", "sm90"])
 def fwd_kernel(request, monkeypatch):
     """The forward kernel: the sm_80 one (mma.sync) or the Hopper one (wgmma +
-    TMA), required (EFFATTN_CUDA_SM90=require: a call it can't serve is an
+    TMA), required (effattn.config.cuda_sm90 = "require": a call it can't serve is an
     error, not a silent fallback) for head dims 64 and 128, the ones it has."""
     if request.param == "sm90":
         skip_without_sm90()
-        monkeypatch.setenv("EFFATTN_CUDA_SM90", "require")
+        monkeypatch.setattr(effattn.config, "cuda_sm90", "require")
     else:
-        monkeypatch.delenv("EFFATTN_CUDA_SM90", raising=False)
+        monkeypatch.setattr(effattn.config, "cuda_sm90", "0")
     return request.param
 
 
@@ -156,9 +156,9 @@ def bwd_tiles(request, monkeypatch):
     """The backward's tile set: the device's choice (Large on an H100 or A100),
     or Small forced (the <= 99 KB tiles of sm_86/sm_89), so one GPU runs both."""
     if request.param == "small":
-        monkeypatch.setenv("EFFATTN_CUDA_BWD_TILES", "small")
+        monkeypatch.setattr(effattn.config, "cuda_bwd_tiles", "small")
     else:
-        monkeypatch.delenv("EFFATTN_CUDA_BWD_TILES", raising=False)
+        monkeypatch.setattr(effattn.config, "cuda_bwd_tiles", "auto")
     return request.param
 
 
@@ -227,7 +227,7 @@ def test_gqa(fwd_kernel, Hq, Hkv, dtype):
 def test_layouts(fwd_kernel, layout, dtype, monkeypatch):
     if fwd_kernel == "sm90" and layout in ("strided", "bcast"):
         # Rows TMA cannot describe (strided), a batch stride of 0 (bcast: maybe not): the sm_80 kernel may serve.
-        monkeypatch.setenv("EFFATTN_CUDA_SM90", "1")
+        monkeypatch.setattr(effattn.config, "cuda_sm90", "1")
     check(*make_inputs(B=3, Hq=2, L=140, S=90, E=64 if layout != "strided" else 40, dtype=dtype,
                        layout=layout))
 
@@ -320,12 +320,12 @@ def test_sm90_required_but_not_possible_is_an_error(monkeypatch):
     # "require" must not fall back silently: a row stride TMA can't use (not a
     # multiple of 16 bytes) is an error at a Hopper head dim, forward and backward.
     skip_without_sm90()
-    monkeypatch.setenv("EFFATTN_CUDA_SM90", "require")
+    monkeypatch.setattr(effattn.config, "cuda_sm90", "require")
     (q, k, v), _ = make_inputs(B=1, Hq=2, L=64, S=64, E=40, layout="strided")
     with pytest.raises(RuntimeError, match="not supported"), torch.no_grad():
         cuda_attention(q, k, v)
-    monkeypatch.delenv("EFFATTN_CUDA_SM90")
-    monkeypatch.setenv("EFFATTN_CUDA_SM90_BWD", "require")
+    monkeypatch.setattr(effattn.config, "cuda_sm90", "0")
+    monkeypatch.setattr(effattn.config, "cuda_sm90_bwd", "require")
     (q, k, v), _ = make_inputs(B=1, Hq=2, L=64, S=64, E=120, layout="strided")
     out = cuda_attention(q, k, v)
     with pytest.raises(RuntimeError, match="not supported"):
@@ -337,16 +337,16 @@ def test_sm90_declines_panels_outside_the_tensor(E, Ev, monkeypatch):
     # At D = 128 either q/k or v has only the first 64-column panel: a TMA box
     # would lie wholly outside it, so the Hopper kernels decline (launch_templates.h,
     # panels_overlap). "1" falls back to the sm_80 kernels; "require" is an error.
-    monkeypatch.setenv("EFFATTN_CUDA_SM90", "1")
-    monkeypatch.setenv("EFFATTN_CUDA_SM90_BWD", "1")
+    monkeypatch.setattr(effattn.config, "cuda_sm90", "1")
+    monkeypatch.setattr(effattn.config, "cuda_sm90_bwd", "1")
     check(*make_inputs(B=2, Hq=2, L=77, S=140, E=E, Ev=Ev, dtype=torch.bfloat16))
     skip_without_sm90()
     (q, k, v), _ = make_inputs(B=1, Hq=2, L=64, S=64, E=E, Ev=Ev)
-    monkeypatch.setenv("EFFATTN_CUDA_SM90", "require")
+    monkeypatch.setattr(effattn.config, "cuda_sm90", "require")
     with pytest.raises(RuntimeError, match="not supported"), torch.no_grad():
         cuda_attention(q, k, v)
-    monkeypatch.setenv("EFFATTN_CUDA_SM90", "1")
-    monkeypatch.setenv("EFFATTN_CUDA_SM90_BWD", "require")
+    monkeypatch.setattr(effattn.config, "cuda_sm90", "1")
+    monkeypatch.setattr(effattn.config, "cuda_sm90_bwd", "require")
     with pytest.raises(RuntimeError, match="not supported"):
         cuda_attention(q, k, v).sum().backward()
 
@@ -377,7 +377,7 @@ def test_sm90_backward(fwd_kernel, case, D, dtype, monkeypatch):
     # Both forwards feed it (out and lse are the backward's inputs); the Hopper
     # backward is required: a call it can't serve is an error, not a fallback.
     skip_without_sm90()
-    monkeypatch.setenv("EFFATTN_CUDA_SM90_BWD", "require")
+    monkeypatch.setattr(effattn.config, "cuda_sm90_bwd", "require")
     shape, kw = SM90_BWD_CASES[case]
     shape = dict(shape, E=D + min(shape.get("E", 0), 0))  # negative: relative to D
     if "Ev" in shape:
@@ -391,7 +391,7 @@ def test_sm90_backward_padding_may_hold_nan(fwd_kernel, D, dtype, monkeypatch):
     # The shared matrix's padding test (conftest) at the Hopper backward's head dims,
     # after either forward: NaN past the lengths (in q, k, v and dO) changes nothing.
     skip_without_sm90()
-    monkeypatch.setenv("EFFATTN_CUDA_SM90_BWD", "require")
+    monkeypatch.setattr(effattn.config, "cuda_sm90_bwd", "require")
     assert_padding_never_read(lambda q, k, v, **kw: cuda_attention(q, k, v, return_lse=True, **kw), "cuda", dtype,
                               E=D, S=300, key_lengths=(150, 37, 300))
 
@@ -402,11 +402,11 @@ def test_raw_ops_reject_tensors_on_another_device():
     (q, k, v), _ = make_inputs(L=16, S=16)
     lengths = torch.tensor([16, 5])
     with pytest.raises(RuntimeError, match=r"key_lengths is on cpu but query is on cuda:0"):
-        torch.ops.effattn.fwd(q, k, v, None, lengths, None, 0.125, False, -1, -1)
+        torch.ops.effattn.fwd(q, k, v, None, lengths, None, 0.125, None, None, 0)
     with pytest.raises(RuntimeError, match=r"value is on cpu but query is on cuda:0"):
-        torch.ops.effattn.fwd(q, k, v.detach().cpu(), None, None, None, 0.125, False, -1, -1)
-    out, lse = torch.ops.effattn.fwd(q, k, v, None, None, None, 0.125, False, -1, -1)
+        torch.ops.effattn.fwd(q, k, v.detach().cpu(), None, None, None, 0.125, None, None, 0)
+    out, lse = torch.ops.effattn.fwd(q, k, v, None, None, None, 0.125, None, None, 0)
     with pytest.raises(RuntimeError, match=r"lse is on cpu but query is on cuda:0"):
         torch.ops.effattn.bwd(torch.ones_like(out), None, q, k, v, out, lse.cpu(), None, None, None, 0.125,
-                              False, -1, -1)
+                              None, None, 0)
     torch.cuda.synchronize()  # the context is still usable

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import effattn
+from conftest import cpu_variant
 
 
 def qkv(B=2, H=4, L=8, S=10, E=16, dtype=torch.float32):
@@ -36,7 +37,7 @@ CASES = [
     ("negative window", dict(window=(-2, 3)), ValueError, r"window left size must be >= 0"),
     ("window not a pair", dict(window=5), ValueError, r"window must be a pair"),
     ("window float", dict(window=(1.5, None)), ValueError, r"window left size must be an int"),
-    ("dropout", dict(dropout_p=0.1), NotImplementedError, r"dropout is not supported yet"),
+    ("dropout", dict(dropout_p=0.1), NotImplementedError, r"no backend can serve this call: cpu: does not support dropout"),
     ("dropout range", dict(dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
     ("scale", dict(scale=float("nan")), ValueError, r"scale must be a finite"),
     ("backend name", dict(backend="cudnn"), ValueError, r"unknown backend 'cudnn'"),
@@ -64,31 +65,31 @@ def test_backend_that_cannot_serve_says_why():
 
 def test_raw_op_checks_lengths_too():
     # The ops can be called directly: the C++ side checks what Python would have.
+    isa = cpu_variant()
     with pytest.raises(RuntimeError, match=r"key_lengths\[1\] = 11 is outside \[0, 10\]"):
-        torch.ops.effattn.fwd(q, k, v, None, torch.tensor([3, 11]), None, 0.25, False, -1, -1)
+        torch.ops.effattn.fwd(q, k, v, None, torch.tensor([3, 11]), None, 0.25, None, None, isa)
     with pytest.raises(RuntimeError, match=r"key\.size\(3\) = 8 but expected 16"):
-        torch.ops.effattn.fwd(q, torch.randn(2, 4, 10, 8), v, None, None, None, 0.25, False, -1, -1)
+        torch.ops.effattn.fwd(q, torch.randn(2, 4, 10, 8), v, None, None, None, 0.25, None, None, isa)
     with pytest.raises(RuntimeError, match=r"contiguous last dimension"):
         torch.ops.effattn.fwd(q.transpose(-1, -2).contiguous().transpose(-1, -2).contiguous().transpose(2, 3),
-                              k, v, None, None, None, 0.25, False, -1, -1)
+                              k, v, None, None, None, 0.25, None, None, isa)
 
 
 def _raw_ops(family):
-    """(fwd, bwd) taking the C++ ops' arguments: effattn::fwd/bwd, or the Triton ops
-    (which take no is_causal, and a float32-precision flag)."""
+    """(fwd, bwd, variant) of an op family: the C++ ops effattn::fwd/bwd, or the Triton
+    ops; both take the same arguments (effattn/ops.py)."""
     if family == "cpp":
-        return torch.ops.effattn.fwd, torch.ops.effattn.bwd
+        return torch.ops.effattn.fwd, torch.ops.effattn.bwd, cpu_variant()
     pytest.importorskip("triton")
     from effattn.triton import ops as triton_ops  # noqa: F401 (registers the ops)
-    return (lambda *a: torch.ops.effattn.triton_fwd(*a[:7], *a[8:], False),
-            lambda *a: torch.ops.effattn.triton_bwd(*a[:11], *a[12:], False))
+    return torch.ops.effattn.triton_fwd, torch.ops.effattn.triton_bwd, 0
 
 
-def _raw_backward_args(**change):
-    out, lse = torch.ops.effattn.fwd(q, k, v, None, None, None, 0.25, False, -1, -1)
+def _raw_backward_args(variant, **change):
+    out, lse = torch.ops.effattn.fwd(q, k, v, None, None, None, 0.25, None, None, cpu_variant())
     args = dict(grad_out=torch.randn_like(out), grad_lse=None, q=q, k=k, v=v, out=out, lse=lse, mask=None,
-                key_lengths=None, query_lengths=None, scale=0.25, is_causal=False, window_left=-1,
-                window_right=-1)
+                key_lengths=None, query_lengths=None, scale=0.25, window_left=None, window_right=None,
+                variant=variant)
     args.update(change)
     return list(args.values())
 
@@ -102,20 +103,20 @@ def _raw_backward_args(**change):
     (dict(grad_lse=torch.zeros(2, 3, 8)), r"grad_lse\.size\(1\) = 3 but expected 4"),
     (dict(grad_lse=torch.zeros(2, 4, 8, dtype=torch.int32)), r"grad_lse must have a floating-point dtype"),
     (dict(grad_out=torch.zeros(2, 4, 8, 15)), r"grad_out\.size\(3\) = 15 but expected 16"),
-    (dict(window_left=-2), r"window sizes must be >= 0, or -1"),
-], ids=["lse length", "lse batch", "lse rank", "grad_lse heads", "grad_lse dtype", "grad_out dim", "window"])
+], ids=["lse length", "lse batch", "lse rank", "grad_lse heads", "grad_lse dtype", "grad_out dim"])
 def test_raw_backward_checks_its_tensors(family, change, pattern):
+    fwd, bwd, variant = _raw_ops(family)
     with pytest.raises(RuntimeError, match=pattern):
-        _raw_ops(family)[1](*_raw_backward_args(**change))
+        bwd(*_raw_backward_args(variant, **change))
 
 
 @pytest.mark.parametrize("family", ["cpp", "triton"])
 def test_raw_ops_check_devices(family):
     # A meta tensor among CPU ones reaches the fake kernels (effattn/ops.py) or the Triton
     # op's check; a CPU one among CUDA ones the C++ check (tests/test_cuda.py).
-    fwd, bwd = _raw_ops(family)
+    fwd, bwd, variant = _raw_ops(family)
     meta = torch.empty(2, dtype=torch.int64, device="meta")
     with pytest.raises(RuntimeError, match=r"key_lengths is on meta but query is on cpu"):
-        fwd(q, k, v, None, meta, None, 0.25, False, -1, -1)
+        fwd(q, k, v, None, meta, None, 0.25, None, None, variant)
     with pytest.raises(RuntimeError, match=r"lse is on meta but query is on cpu"):
-        bwd(*_raw_backward_args(lse=torch.empty(2, 4, 8, device="meta")))
+        bwd(*_raw_backward_args(variant, lse=torch.empty(2, 4, 8, device="meta")))

@@ -6,13 +6,16 @@ import os
 import pytest
 import torch
 
+import torch.nn.attention.bias  # noqa: F401  (SDPA's causal mask objects)
+
 import effattn
 from effattn.backends import BY_NAME
-from conftest import largest_allocation, make_qkv, run_script
+from conftest import cpu_variant, largest_allocation, make_qkv, run_script
 
 
 def _op_args(B=2, Hq=4, Hkv=2, L=19, S=23, E=8, Ev=8, dtype=torch.float64, mask=None, lengths=False,
-             causal=False, window=(-1, -1), layout="bhle"):
+             window=(None, None), layout="bhle"):
+    """The op layer's arguments (effattn/ops.py): the band's sides (None: unbounded)."""
     q, k, v = make_qkv(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, Ev=Ev, dtype=dtype, layout=layout)
     m = None
     if mask == "bool":
@@ -21,16 +24,17 @@ def _op_args(B=2, Hq=4, Hkv=2, L=19, S=23, E=8, Ev=8, dtype=torch.float64, mask=
         m = torch.randn(B, 1, L, S, dtype=dtype).expand(B, Hq, L, S)
     kl = torch.tensor([S, S // 2]) if lengths else None
     ql = torch.tensor([L - 3, L]) if lengths else None
-    return (q, k, v, m, kl, ql, 0.3, causal, window[0], window[1])
+    return (q, k, v, m, kl, ql, 0.3, window[0], window[1], cpu_variant())
 
 
 OPCHECK_CASES = {
     "plain": dict(),
-    "causal_gqa_lengths": dict(causal=True, lengths=True),
+    "causal_gqa_lengths": dict(window=(None, 0), lengths=True),
     "bool_mask": dict(mask="bool"),
     "float_mask_window": dict(mask="float", window=(4, 2)),
+    "negative_band": dict(window=(None, -5)),  # bottom-right causal with L > S
     "blhe_float32": dict(layout="blhe", dtype=torch.float32),
-    "bf16": dict(dtype=torch.bfloat16, causal=True),
+    "bf16": dict(dtype=torch.bfloat16, window=(None, 0)),
     "value_dim": dict(Ev=12),
 }
 
@@ -56,6 +60,7 @@ GRADCHECK_CASES = {
     "plain": dict(),
     "causal_gqa": dict(is_causal=True, enable_gqa=True),
     "lengths_window": dict(key_lengths=torch.tensor([9, 4]), query_lengths=torch.tensor([7, 11]), window=(3, 1)),
+    "causal_lower_right": dict(attn_mask="causal_lower_right"),
     "float_mask": dict(attn_mask=torch.randn(1, 1, 11, 13, dtype=torch.float64)),
     "bool_mask_empty_rows": dict(attn_mask=torch.arange(13).view(1, 1, 1, 13) < torch.tensor([0, 6]).view(2, 1, 1, 1)),
 }
@@ -64,6 +69,8 @@ GRADCHECK_CASES = {
 @pytest.mark.parametrize("case", GRADCHECK_CASES)
 def test_gradcheck_float64(case):
     kw = GRADCHECK_CASES[case]
+    if kw.get("attn_mask") == "causal_lower_right":
+        kw = dict(attn_mask=torch.nn.attention.bias.causal_lower_right(11, 13))
     q, k, v = make_qkv(B=2, Hq=4, Hkv=2 if kw.get("enable_gqa") else 4, L=11, S=13, E=8, dtype=torch.float64)
 
     def f(q, k, v):
@@ -171,7 +178,7 @@ def test_cuda_build_serves_every_head_dim():
 def test_auto_falls_back_to_reference_with_a_warning():
     q, k, v = make_qkv(requires_grad=False)
     mask = torch.zeros(37, 45, requires_grad=True)
-    with pytest.warns(UserWarning, match=r"cpu: does not compute the gradient of attn_mask.*reference"):
+    with pytest.warns(UserWarning, match=r"cpu: does not support the gradient of attn_mask.*reference"):
         out = effattn.attention(q, k, v, attn_mask=mask)
     out.sum().backward()
     assert mask.grad is not None and mask.grad.shape == mask.shape

@@ -13,6 +13,7 @@ import effattn
 from conftest import BackendCase, check_against_oracle, make_qkv, on_device, run_script
 from effattn.backends import BY_NAME
 from effattn.backends import triton as triton_backend
+from effattn.spec import make_spec
 
 _REASONS = BY_NAME["triton"].unavailable_reasons()
 pytestmark = pytest.mark.skipif(bool(_REASONS), reason="; ".join(_REASONS))
@@ -62,11 +63,11 @@ TMA_CASES = {
 
 @pytest.mark.parametrize("case", TMA_CASES)
 def test_tensor_descriptor_loads(case, monkeypatch):
-    """EFFATTN_TRITON_TMA=1 (opt-in): the forward's interior K/V blocks through
+    """effattn.config.triton_tma = "1" (opt-in): the forward's interior K/V blocks through
     tensor descriptors, as exact as the plain loads; and the path is really
     taken (300 keys leave interior blocks)."""
     from effattn.triton import ops
-    monkeypatch.setenv("EFFATTN_TRITON_TMA", "1")
+    monkeypatch.setattr(effattn.config, "triton_tma", "1")
     taken = []
     real = ops._use_tma
     monkeypatch.setattr(ops, "_use_tma", lambda *a: taken.append(real(*a)) or taken[-1])
@@ -78,19 +79,22 @@ def test_tensor_descriptor_loads(case, monkeypatch):
 
 def test_tensor_descriptor_loads_decline_unaligned_strides(monkeypatch):
     from effattn.triton import ops
-    monkeypatch.setenv("EFFATTN_TRITON_TMA", "1")
+    tma = triton_backend.TMA
     q, k, v = make_qkv(B=1, Hq=2, L=40, S=40, E=16, layout="strided", requires_grad=False)  # rows of 21
-    assert not ops._use_tma(q, k, v, 16, 16)
+    assert not ops._use_tma(q, k, v, 16, 16, tma)
     q, k, v = make_qkv(B=1, Hq=2, L=40, S=40, E=40, requires_grad=False)  # not a power of two
-    assert not ops._use_tma(q, k, v, 64, 64)
+    assert not ops._use_tma(q, k, v, 64, 64, tma)
     q, k, v = make_qkv(B=1, Hq=2, L=40, S=40, E=16, requires_grad=False)
-    assert ops._use_tma(q, k, v, 16, 16)  # the control: aligned and opted in
+    assert ops._use_tma(q, k, v, 16, 16, tma)  # the control: aligned and opted in
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode() as mode:  # torch.compile tracing the op's body: no device-side descriptors
         fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
-        assert not ops._use_tma(fq, fk, fv, 16, 16)
-    monkeypatch.setenv("EFFATTN_TRITON_TMA", "0")
-    assert not ops._use_tma(q, k, v, 16, 16)
+        assert not ops._use_tma(fq, fk, fv, 16, 16, tma)
+    assert not ops._use_tma(q, k, v, 16, 16, 0)  # not opted in
+    # the config is what sets the variant's bit, and effattn.backends names it
+    monkeypatch.setattr(effattn.config, "triton_tma", "1")
+    assert triton_backend.TritonBackend().variant_bits(make_spec(q, k, v)) & tma
+    assert "tensor-descriptor" in effattn.backends(q, k, v).variants["triton"]
 
 
 # Shared memory per block: H100 (sm_90), A100 (sm_80), RTX 30xx/40xx (sm_86/89).
@@ -248,7 +252,7 @@ def test_ops_are_registered_as_custom_ops():
     from effattn.triton import ops  # noqa: F401  (registers them)
     assert hasattr(torch.ops.effattn, "triton_fwd") and hasattr(torch.ops.effattn, "triton_bwd")
     q, k, v = on_device(DEVICE, *make_qkv(B=1, Hq=2, L=20, S=24, E=16))
-    out, lse = torch.ops.effattn.triton_fwd(q, k, v, None, None, None, 0.25, -1, 0, True)
+    out, lse = torch.ops.effattn.triton_fwd(q, k, v, None, None, None, 0.25, None, 0, triton_backend.FP32_IEEE)
     assert out.shape == (1, 2, 20, 16) and lse.shape == (1, 2, 20) and lse.dtype == torch.float32
 
 

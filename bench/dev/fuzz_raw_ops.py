@@ -29,7 +29,7 @@ def base_call(dtype):
     k = torch.randn(2, 2, 11, 16, generator=g).to(dtype)
     v = torch.randn(2, 2, 11, 16, generator=g).to(dtype)
     return dict(q=q, k=k, v=v, mask=None, key_lengths=None, query_lengths=None, scale=0.25,
-                is_causal=False, window_left=-1, window_right=-1)
+                window_left=None, window_right=None, variant=0)  # variant 0: the CPU's baseline ISA
 
 
 def mutations(name, t):
@@ -71,7 +71,7 @@ def cases():
         for name, values in (("key_lengths", ([12, 3], [-1, 3], [2**40, 1])), ("query_lengths", ([10, 0], [-5, 1]))):
             for val in values:
                 yield "fwd", f"{dtype} {name}={val}", dict(fwd, **{name: torch.tensor(val)})
-        for left, right in ((-2, 0), (0, -7), (2**40, 0), (0, 2**62)):
+        for left, right in ((-2, 0), (0, -7), (2**40, 0), (0, 2**62), (-2**62, None), (None, -2**40)):
             yield "fwd", f"{dtype} window ({left}, {right})", dict(fwd, window_left=left, window_right=right)
         for scale in (float("nan"), float("inf"), 0.0, -1.0, 1e30):
             yield "fwd", f"{dtype} scale {scale}", dict(fwd, scale=scale)
@@ -79,7 +79,7 @@ def cases():
         out, lse = torch.ops.effattn.fwd(*fwd.values())
         bwd = dict(grad_out=torch.randn(out.shape).to(dtype), grad_lse=None, q=fwd["q"], k=fwd["k"], v=fwd["v"],
                    out=out, lse=lse, mask=None, key_lengths=None, query_lengths=None, scale=0.25,
-                   is_causal=False, window_left=-1, window_right=-1)
+                   window_left=None, window_right=None, variant=0)
         for name in ("grad_out", "q", "k", "v", "out", "lse"):
             for desc, t in mutations(name, bwd[name]):
                 yield "bwd", f"{dtype} {desc}", dict(bwd, **{name: t})
@@ -91,11 +91,8 @@ def cases():
 
 
 def call(op, args, triton):
-    if not triton:
-        return getattr(torch.ops.effattn, op)(*args.values())
-    args = dict(args)
-    args.pop("is_causal")  # the Triton ops take causal folded into window_right, and a precision flag
-    return getattr(torch.ops.effattn, "triton_" + op)(*args.values(), False)
+    # both op families take the same arguments (effattn/ops.py)
+    return getattr(torch.ops.effattn, ("triton_" if triton else "") + op)(*args.values())
 
 
 def run_chunk(lo, hi, triton):

@@ -9,7 +9,7 @@ for causal; backward 2.5x forward; forward+backward 3.5x.
 
 Usage: python3 bench/dev/triton_gpu.py --out DIR [--dtypes bf16,fp16] [--dims 64,128]
          [--lengths 1024,...] [--methods effattn,flash,efficient,cudnn] [--flex] [--max-seconds N]
-Methods: effattn (auto), effattn+tma (EFFATTN_TRITON_TMA=1), flash, efficient, cudnn, math, flex.
+Methods: effattn (auto), effattn+tma (effattn.config.triton_tma = "1"), flash, efficient, cudnn, math, flex.
 Writes DIR/triton-gpu.json and prints a table. bench/speed.py is the user-facing sweep.
 """
 import argparse
@@ -43,11 +43,8 @@ def make_call(method, q, k, v, causal, lengths=None, dense_mask=None, backend=No
         plain = make_call("effattn", q, k, v, causal, lengths, dense_mask, backend)
 
         def with_tma():
-            os.environ["EFFATTN_TRITON_TMA"] = "1"
-            try:
+            with effattn.config.override(triton_tma="1"):
                 return plain()
-            finally:
-                os.environ.pop("EFFATTN_TRITON_TMA", None)
         return with_tma
     if method.startswith("effattn"):
         kw = dict(is_causal=causal)

@@ -1,14 +1,9 @@
 // CPU implementations of effattn::fwd and effattn::bwd: read the tensors into
 // params (csrc/host_params.h), allocate outputs and scratch, and run the
-// kernel variant for the widest instruction set this CPU has (kernels.h).
-//
-// EFFATTN_CPU_ISA=baseline|avx2|avx512 in the environment asks for a
-// narrower variant (tests run each one; avx2_wide is a test-only one, see
-// kernels_avx2_wide.cpp); asking for one the CPU lacks is an error, never a
-// crash. effattn::cpu_isa() says which variant runs (Isa's value).
-#include <cstdlib>
-#include <cstring>
-
+// kernel variant the caller chose (kernels.h): the op's `variant` argument is
+// an Isa value, picked once by the cpu backend (effattn/backends/cpu.py, from
+// effattn.config.cpu_isa). effattn::cpu_isas() says which variants this build
+// holds and this CPU runs; a call for another one is an error, never a crash.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 
@@ -45,46 +40,52 @@ Isa best_isa() {
   return Isa::kBaseline;
 }
 
-bool runs_here(Isa isa, Isa best) {
-  if (isa == Isa::kAvx2Wide) isa = Isa::kAvx2;  // needs what avx2 needs
-  return static_cast<int64_t>(isa) <= static_cast<int64_t>(best);
+// Bit i: the variant of Isa value i is compiled into this build and runs here.
+int64_t runnable_isas() {
+  static const int64_t bits = [] {
+    const int64_t best = static_cast<int64_t>(best_isa());
+    int64_t b = 1;  // baseline: any CPU
+#if EFFATTN_X86_VARIANTS
+    for (Isa isa : {Isa::kAvx2, Isa::kAvx512})
+      if (static_cast<int64_t>(isa) <= best) b |= int64_t(1) << static_cast<int64_t>(isa);
+#if EFFATTN_CPU_AVX2_WIDE
+    if (best >= static_cast<int64_t>(Isa::kAvx2)) b |= int64_t(1) << static_cast<int64_t>(Isa::kAvx2Wide);
+#endif
+#endif
+    return b;
+  }();
+  return bits;
 }
 
-// The variant to run: the best one, or the one EFFATTN_CPU_ISA asks for
-// (read on every call, so tests can switch between calls; it costs ~100 ns).
-Isa selected_isa() {
-  static const Isa best = best_isa();
-  const char* want = std::getenv("EFFATTN_CPU_ISA");
-  if (want == nullptr || *want == '\0' || std::strcmp(want, "auto") == 0) return best;
-  for (Isa isa : {Isa::kBaseline, Isa::kAvx2, Isa::kAvx512, Isa::kAvx2Wide}) {
-    if (std::strcmp(want, isa_name(isa)) == 0) {
-      STD_TORCH_CHECK(runs_here(isa, best), "effattn (cpu): EFFATTN_CPU_ISA=", want,
-                      " but this CPU supports at most ", isa_name(best));
-      return isa;
-    }
-  }
-  STD_TORCH_CHECK(false, "effattn (cpu): EFFATTN_CPU_ISA=", want,
-                  " is not one of auto, baseline, avx2, avx512, avx2_wide");
-  return best;
+Isa checked_isa(int64_t variant) {
+  const bool known = variant >= 0 && variant <= static_cast<int64_t>(Isa::kAvx2Wide);
+  STD_TORCH_CHECK(known && (runnable_isas() >> variant & 1), "effattn (cpu): kernel variant ", variant,
+                  " (", known ? isa_name(static_cast<Isa>(variant)) : "unknown",
+                  ") is not in this build or does not run on this CPU");
+  return static_cast<Isa>(variant);
 }
 
-void run_fwd(ScalarType dtype, const FwdParams& p) {
-  switch (selected_isa()) {
+void run_fwd(Isa isa, ScalarType dtype, const FwdParams& p) {
+  switch (isa) {
 #if EFFATTN_X86_VARIANTS
     case Isa::kAvx512: avx512::attention_fwd(dtype, p); break;
     case Isa::kAvx2: avx2::attention_fwd(dtype, p); break;
+#if EFFATTN_CPU_AVX2_WIDE
     case Isa::kAvx2Wide: avx2_wide::attention_fwd(dtype, p); break;
+#endif
 #endif
     default: baseline::attention_fwd(dtype, p); break;
   }
 }
 
-void run_bwd(ScalarType dtype, const BwdParams& p) {
-  switch (selected_isa()) {
+void run_bwd(Isa isa, ScalarType dtype, const BwdParams& p) {
+  switch (isa) {
 #if EFFATTN_X86_VARIANTS
     case Isa::kAvx512: avx512::attention_bwd(dtype, p); break;
     case Isa::kAvx2: avx2::attention_bwd(dtype, p); break;
+#if EFFATTN_CPU_AVX2_WIDE
     case Isa::kAvx2Wide: avx2_wide::attention_bwd(dtype, p); break;
+#endif
 #endif
     default: baseline::attention_bwd(dtype, p); break;
   }
@@ -95,25 +96,25 @@ void run_bwd(ScalarType dtype, const BwdParams& p) {
 
 namespace {
 
-std::tuple<Tensor, Tensor> fwd_cpu(Tensor q, Tensor k, Tensor v,
-                                   std::optional<Tensor> mask,
+std::tuple<Tensor, Tensor> fwd_cpu(Tensor q, Tensor k, Tensor v, std::optional<Tensor> mask,
                                    std::optional<Tensor> key_lengths,
                                    std::optional<Tensor> query_lengths, double scale,
-                                   bool is_causal, int64_t window_left,
-                                   int64_t window_right) {
-  FwdCall call = make_fwd_call(q, k, v, mask, key_lengths, query_lengths, scale, is_causal,
-                               window_left, window_right);
-  cpu::run_fwd(q.scalar_type(), call.params);
+                                   WindowSide window_left, WindowSide window_right, int64_t variant) {
+  const cpu::Isa isa = cpu::checked_isa(variant);
+  FwdCall call = make_fwd_call(q, k, v, mask, key_lengths, query_lengths, scale, window_left,
+                               window_right);
+  cpu::run_fwd(isa, q.scalar_type(), call.params);
   return {call.out, call.lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> bwd_cpu(
     Tensor grad_out, std::optional<Tensor> grad_lse, Tensor q, Tensor k, Tensor v,
     Tensor out, Tensor lse, std::optional<Tensor> mask,
-    std::optional<Tensor> key_lengths, std::optional<Tensor> query_lengths,
-    double scale, bool is_causal, int64_t window_left, int64_t window_right) {
+    std::optional<Tensor> key_lengths, std::optional<Tensor> query_lengths, double scale,
+    WindowSide window_left, WindowSide window_right, int64_t variant) {
+  const cpu::Isa isa = cpu::checked_isa(variant);
   BwdCall call = make_bwd_call(grad_out, grad_lse, q, k, v, out, lse, mask, key_lengths,
-                               query_lengths, scale, is_causal, window_left, window_right);
+                               query_lengths, scale, window_left, window_right);
   BwdParams& p = call.params;
 
   // Split the keys when batch x kv-heads alone cannot keep every thread busy
@@ -131,11 +132,11 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(
       q, {p.num_key_splits, p.batch, p.heads_q, p.seqlen_q, cpu::padded(p.head_dim)}, acc);
   p.delta = delta.mutable_data_ptr();
   p.dq_accum = dq_accum.mutable_data_ptr();
-  cpu::run_bwd(q.scalar_type(), p);
+  cpu::run_bwd(isa, q.scalar_type(), p);
   return {call.dq, call.dk, call.dv};
 }
 
-int64_t cpu_isa() { return static_cast<int64_t>(cpu::selected_isa()); }
+int64_t cpu_isas() { return cpu::runnable_isas(); }
 
 }  // namespace
 }  // namespace effattn
@@ -146,5 +147,5 @@ STABLE_TORCH_LIBRARY_IMPL(effattn, CPU, m) {
 }
 
 STABLE_TORCH_LIBRARY_IMPL(effattn, CompositeExplicitAutograd, m) {
-  m.impl("cpu_isa", TORCH_BOX(&effattn::cpu_isa));
+  m.impl("cpu_isas", TORCH_BOX(&effattn::cpu_isas));
 }

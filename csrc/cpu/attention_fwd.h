@@ -40,6 +40,11 @@ struct FwdTile {
   static constexpr int64_t BM = kFwdBlockM, BN = kFwdBlockN, W = kLanes<acc_t>;
 
   const FwdParams& p;
+  // The tiles' capacities: kFwdBlockM query rows (the leading dim of Q^T, S^T and the
+  // mask tile) and kFwdBlockN keys, or fewer when the call has fewer (padded to whole
+  // vectors), so a short call does not allocate and zero the full tiles (the scratch of a
+  // 128 x 128 tile cost several times a tiny call's whole work). Results do not depend on it.
+  const int64_t bm, bn;
   const int64_t E, Ev, Evp;
   // V is read in place as the P V GEMM's B operand when no conversion is
   // needed and its rows are whole vectors (the GEMM reads round_up(Ev) columns).
@@ -49,20 +54,22 @@ struct FwdTile {
 
   explicit FwdTile(const FwdParams& params)
       : p(params),
+        bm(std::min(BM, padded(params.seqlen_q))),
+        bn(std::min(BN, params.seqlen_k)),
         E(params.head_dim),
         Ev(params.head_dim_v),
         Evp(padded(params.head_dim_v)),
         v_in_place(kReadKInPlace && params.head_dim_v % W == 0),
         scale2(static_cast<acc_t>(params.scale * kLog2e)),
-        qt(E * BM),
-        k(kReadKInPlace ? 0 : BN * E),
-        v(v_in_place ? 0 : BN * Evp),
-        st(BN * BM),
-        bias(params.mask_kind == MaskKind::kNone ? 0 : BN * BM),
-        acc(BM * Evp),
-        m(BM),
-        l(BM),
-        alpha(BM),
+        qt(E * bm),
+        k(kReadKInPlace ? 0 : bn * E),
+        v(v_in_place ? 0 : bn * Evp),
+        st(bn * bm),
+        bias(params.mask_kind == MaskKind::kNone ? 0 : bn * bm),
+        acc(bm * Evp),
+        m(bm),
+        l(bm),
+        alpha(bm),
         row_buf(8 * E) {}
 
   void run(int64_t b, int64_t h, int64_t m_block) {
@@ -79,26 +86,26 @@ struct FwdTile {
     scalar_t* O = static_cast<scalar_t*>(p.out) + b * p.o_strides.batch + h * p.o_strides.head;
     acc_t* LSE = static_cast<acc_t*>(p.lse) + (b * p.heads_q + h) * p.seqlen_q;
 
-    for (int64_t r = 0; r < BM; ++r) {
+    for (int64_t r = 0; r < bm; ++r) {
       m[r] = neg_inf<acc_t>();
       l[r] = acc_t(0);
     }
-    std::memset(static_cast<void*>(acc.data()), 0, sizeof(acc_t) * BM * Evp);
+    std::memset(static_cast<void*>(acc.data()), 0, sizeof(acc_t) * bm * Evp);
 
     if (M > 0) {
-      load_tile_transposed(Q + i0 * p.q_strides.row, p.q_strides.row, M, E, qt.data(), BM,
+      load_tile_transposed(Q + i0 * p.q_strides.row, p.q_strides.row, M, E, qt.data(), bm,
                            row_buf.data());
       // Scores in base 2 straight from the GEMM. The softmax then subtracts
       // the exact maximum, so a row's largest score gives exactly 2^0 = 1 (a
       // row with one visible key gets out = v exactly, as the math does).
-      for (int64_t e = 0; e < E; ++e) scale_row(qt.data() + e * BM, BM, scale2);
+      for (int64_t e = 0; e < E; ++e) scale_row(qt.data() + e * bm, bm, scale2);
       // Keys any row of this block may see.
       const int64_t j_begin = rb.begin(i0), j_end = rb.end(i0 + M - 1);
       for (int64_t j0 = j_begin; j0 < j_end; j0 += BN) {
         const int64_t N = std::min(BN, j_end - j0);
         acc_t* bias_tile = nullptr;
         if (p.mask_kind != MaskKind::kNone) {
-          if (!load_mask_tile<acc_t, scalar_t>(p, b, h, i0, M, j0, N, bias.data(), 1, BM))
+          if (!load_mask_tile<acc_t, scalar_t>(p, b, h, i0, M, j0, N, bias.data(), 1, bm))
             continue;  // the mask excludes the whole tile
           bias_tile = bias.data();
         }
@@ -107,11 +114,11 @@ struct FwdTile {
         const Operand<acc_t> v_op = tile_operand(V + j0 * p.v_strides.row, p.v_strides.row, N,
                                                  Ev, v_in_place, v.data(), Evp);
         // S^T = K Q^T
-        gemm<acc_t, false>(N, Mv, E, k_op.ptr, k_op.ld, 1, qt.data(), BM, st.data(), BM);
+        gemm<acc_t, false>(N, Mv, E, k_op.ptr, k_op.ld, 1, qt.data(), bm, st.data(), bm);
         finish_tile(i0, M, Mv, j0, N, bias_tile);
         softmax_step(M, Mv, N);
         // acc += P V, with P = (P^T)^T read through strides
-        gemm<acc_t, true>(M, round_up_lanes<acc_t>(Ev), N, st.data(), 1, BM, v_op.ptr, v_op.ld,
+        gemm<acc_t, true>(M, round_up_lanes<acc_t>(Ev), N, st.data(), 1, bm, v_op.ptr, v_op.ld,
                           acc.data(), Evp);
       }
     }
@@ -133,13 +140,13 @@ struct FwdTile {
   // j - window_right <= i <= j + window_left.
   void finish_tile(int64_t i0, int64_t M, int64_t Mv, int64_t j0, int64_t N, const acc_t* bias_tile) {
     const int64_t wl = p.window_left, wr = p.window_right;
-    const bool cut = (wr >= 0 && j0 + N - 1 - wr > i0) || (wl >= 0 && j0 + wl + 1 < i0 + M);
+    const bool cut = j0 + N - 1 - wr > i0 || j0 + wl + 1 < i0 + M;
     if (!bias_tile && !cut) return;
     for (int64_t n = 0; n < N; ++n) {
       const int64_t j = j0 + n;
-      const int64_t lo = wr < 0 ? 0 : j - wr - i0;
-      const int64_t hi = wl < 0 ? M : std::min(M, j + wl + 1 - i0);
-      finish_score_row(st.data() + n * BM, bias_tile ? bias_tile + n * BM : nullptr, M, Mv, lo, hi);
+      const int64_t lo = j - wr - i0;
+      const int64_t hi = std::min(M, j + wl + 1 - i0);
+      finish_score_row(st.data() + n * bm, bias_tile ? bias_tile + n * bm : nullptr, M, Mv, lo, hi);
     }
   }
 
@@ -150,7 +157,7 @@ struct FwdTile {
     for (int64_t c = 0; c < Mv; c += W) {
       acc_t* col = st.data() + c;
       Vec<acc_t> mx = ninf;
-      for (int64_t n = 0; n < N; ++n) mx = vmax(mx, vload(col + n * BM));
+      for (int64_t n = 0; n < N; ++n) mx = vmax(mx, vload(col + n * bm));
       const Vec<acc_t> m_old = vload(m.data() + c);
       const Vec<acc_t> m_new = vmax(m_old, mx);
       // A query that has seen no key yet keeps m = -inf; shift by 0 there so
@@ -159,8 +166,8 @@ struct FwdTile {
       const Vec<acc_t> a = vexp2(m_old - shift);
       Vec<acc_t> sum{};
       for (int64_t n = 0; n < N; ++n) {
-        const Vec<acc_t> e = vexp2(vload(col + n * BM) - shift);
-        vstore(col + n * BM, e);
+        const Vec<acc_t> e = vexp2(vload(col + n * bm) - shift);
+        vstore(col + n * bm, e);
         sum += e;
       }
       vstore(m.data() + c, m_new);

@@ -1,6 +1,8 @@
-// Which keys a query row may see: causal and window folded by the host into
-// window_left / window_right, lengths per batch. ISA-independent; every CPU
-// kernel variant and the host share it.
+// Which keys a query row may see: the band i - window_left <= j <= i +
+// window_right (the spec's, causal folded in; a side may be negative, and an
+// open side is kUnbounded, which no index reaches, so no case needs a flag)
+// and the key length per batch. A range may come out empty (end <= begin).
+// ISA-independent; every CPU kernel variant shares it.
 #pragma once
 
 #include <algorithm>
@@ -14,21 +16,13 @@ namespace cpu {
 struct RowBounds {
   int64_t window_left, window_right, key_len;
   // first key row i may see
-  int64_t begin(int64_t i) const {
-    return window_left < 0 ? 0 : std::max<int64_t>(0, i - window_left);
-  }
+  int64_t begin(int64_t i) const { return std::max<int64_t>(0, i - window_left); }
   // one past the last key row i may see
-  int64_t end(int64_t i) const {
-    return window_right < 0 ? key_len
-                            : std::min<int64_t>(key_len, i + window_right + 1);
-  }
+  int64_t end(int64_t i) const { return std::min<int64_t>(key_len, i + window_right + 1); }
   // queries in [0, query_len) that see any key of [j0, j1)
-  int64_t first_query(int64_t j0) const {
-    return window_right < 0 ? 0 : std::max<int64_t>(0, j0 - window_right);
-  }
+  int64_t first_query(int64_t j0) const { return std::max<int64_t>(0, j0 - window_right); }
   int64_t last_query_end(int64_t j1, int64_t query_len) const {
-    return window_left < 0 ? query_len
-                           : std::min<int64_t>(query_len, j1 - 1 + window_left + 1);
+    return std::min<int64_t>(query_len, j1 + window_left);
   }
 };
 

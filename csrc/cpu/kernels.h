@@ -17,6 +17,10 @@
 #else
 #define EFFATTN_X86_VARIANTS 0
 #endif
+// avx2_wide (tests only) is compiled only when asked (setup.py: EFFATTN_UNVERIFIED=1).
+#ifndef EFFATTN_CPU_AVX2_WIDE
+#define EFFATTN_CPU_AVX2_WIDE 0
+#endif
 
 namespace effattn {
 namespace cpu {
@@ -25,7 +29,7 @@ enum class Isa : int64_t {
   kBaseline = 0,  // 16-byte vectors: SSE2 on x86-64 (NEON elsewhere), any CPU
   kAvx2 = 1,      // 32-byte vectors, FMA, F16C
   kAvx512 = 2,    // 64-byte vectors (AVX-512 F/BW/DQ/VL)
-  kAvx2Wide = 3,  // tests only: the 64-byte source on AVX2 (kernels_avx2_wide.cpp)
+  kAvx2Wide = 3,  // tests only: the 64-byte source on AVX2 (kernels_avx2_wide.cpp, opt-in)
 };
 
 const char* isa_name(Isa isa);

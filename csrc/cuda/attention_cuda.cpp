@@ -42,6 +42,18 @@ void check_launchable(const FwdParams& p) {
                   "effattn (cuda): sequence lengths must be < 2^30");
 }
 
+// The CUDA kernels predate bands with negative sides: they read a negative
+// side as unbounded (block_utils.h, Visibility). So an open side goes to them
+// as -1, and a negative one is refused here (the cuda backend declares it
+// does not serve them, so effattn.attention never sends one).
+void to_cuda_window(FwdParams& p) {
+  STD_TORCH_CHECK(p.window_left >= 0 && p.window_right >= 0,
+                  "effattn (cuda): window sides must be >= 0 or None here (the CUDA kernels take no negative "
+                  "band side; the cpu and triton backends do), got ", p.window_left, " and ", p.window_right);
+  if (p.window_left == kUnbounded) p.window_left = -1;
+  if (p.window_right == kUnbounded) p.window_right = -1;
+}
+
 void* current_stream(const Tensor& t) {
   void* stream = nullptr;
   STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream) == AOTI_TORCH_SUCCESS,
@@ -51,17 +63,17 @@ void* current_stream(const Tensor& t) {
 
 std::tuple<Tensor, Tensor> fwd_cuda(Tensor q, Tensor k, Tensor v, std::optional<Tensor> mask,
                                     std::optional<Tensor> key_lengths, std::optional<Tensor> query_lengths,
-                                    double scale, bool is_causal, int64_t window_left,
-                                    int64_t window_right) {
+                                    double scale, WindowSide window_left, WindowSide window_right,
+                                    int64_t variant) {
   const cuda::DType dtype = kernel_dtype(q);
   // Checked first: a call that reached the CUDA kernel because some other tensor is on a GPU
   // gets an error naming it, before a guard or a stream is taken for q's device.
-  FwdCall call = make_fwd_call(q, k, v, mask, key_lengths, query_lengths, scale, is_causal, window_left,
-                               window_right);
+  FwdCall call = make_fwd_call(q, k, v, mask, key_lengths, query_lengths, scale, window_left, window_right);
+  to_cuda_window(call.params);
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   check_launchable(call.params);
   const bool aligned = rows_aligned(q) && rows_aligned(k) && rows_aligned(v);
-  const char* err = cuda::run_fwd(call.params, dtype, aligned, current_stream(q));
+  const char* err = cuda::run_fwd(call.params, dtype, aligned, variant, current_stream(q));
   STD_TORCH_CHECK(err == nullptr, "effattn (cuda) forward: ", err);
   return {call.out, call.lse};
 }
@@ -70,12 +82,14 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(Tensor grad_out, std::optional<Tenso
                                             Tensor k, Tensor v, Tensor out, Tensor lse,
                                             std::optional<Tensor> mask, std::optional<Tensor> key_lengths,
                                             std::optional<Tensor> query_lengths, double scale,
-                                            bool is_causal, int64_t window_left, int64_t window_right) {
+                                            WindowSide window_left, WindowSide window_right,
+                                            int64_t variant) {
   const cuda::DType dtype = kernel_dtype(q);
   BwdCall call = make_bwd_call(grad_out, grad_lse, q, k, v, out, lse, mask, key_lengths, query_lengths,
-                               scale, is_causal, window_left, window_right);  // checked first, as above
-  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+                               scale, window_left, window_right);  // checked first, as above
   BwdParams& p = call.params;
+  to_cuda_window(p);
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   check_launchable(p);
   // Scratch, O(B * H * L): delta and the lse in log2 units (2, B, H, L), and
   // the float32 dQ accumulator (zeroed: the key tiles add into it with atomics).
@@ -85,7 +99,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(Tensor grad_out, std::optional<Tenso
   p.delta = delta.mutable_data_ptr();
   p.dq_accum = dq_accum.mutable_data_ptr();
   const bool aligned = rows_aligned(q) && rows_aligned(k) && rows_aligned(v) && rows_aligned(grad_out);
-  const char* err = cuda::run_bwd(p, dtype, aligned, current_stream(q));
+  const char* err = cuda::run_bwd(p, dtype, aligned, variant, current_stream(q));
   STD_TORCH_CHECK(err == nullptr, "effattn (cuda) backward: ", err);
   return {call.dq, call.dk, call.dv};
 }
@@ -93,6 +107,8 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(Tensor grad_out, std::optional<Tenso
 int64_t cuda_variants() {
   return cuda::compiled_head_dims() | (cuda::sm90_kernels_compiled() ? int64_t(1) << 16 : 0);
 }
+
+int64_t cuda_bwd_large_smem(int64_t head_dim) { return cuda::bwd_large_smem(static_cast<int>(head_dim)); }
 
 }  // namespace
 }  // namespace effattn
@@ -104,4 +120,5 @@ STABLE_TORCH_LIBRARY_IMPL(effattn, CUDA, m) {
 
 STABLE_TORCH_LIBRARY_IMPL(effattn, CompositeExplicitAutograd, m) {
   m.impl("cuda_variants", TORCH_BOX(&effattn::cuda_variants));
+  m.impl("cuda_bwd_large_smem", TORCH_BOX(&effattn::cuda_bwd_large_smem));
 }

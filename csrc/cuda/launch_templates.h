@@ -1,29 +1,36 @@
 // Launchers: grid, dynamic shared memory (opted in past 48 KB), the caller's
-// stream, and a launch check; and the choice of kernel or tiles for the
-// device. One instantiation per (dtype, head dim) lives in its own generated
-// file under instantiations/ so they compile in parallel.
+// stream, and a launch check; and the kernel or tile set the op's `variant`
+// asks for (api.h's Variant bits, chosen by effattn/backends/cuda.py). One
+// instantiation per (dtype, head dim) lives in its own generated file under
+// instantiations/ so they compile in parallel.
+//
+// The Hopper kernels (flash_{fwd,bwd}_sm90_kernel.h) are compiled only into
+// builds that ask for them (EFFATTN_CUDA_SM90A: setup.py with
+// EFFATTN_UNVERIFIED=1 and 9.0a in the arch list): they have not yet run on a
+// GPU, so the default build holds none of their code.
 #pragma once
 
 #include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
+#include "api.h"
 #include "flash_bwd_kernel.h"
 #include "flash_fwd_kernel.h"
+#if defined(EFFATTN_CUDA_SM90A)
 #include "flash_bwd_sm90_kernel.h"
 #include "flash_fwd_sm90_kernel.h"
+#endif
 
 namespace effattn {
 namespace cuda {
 
 template <typename T, int D>
-cudaError_t run_fwd_(const FwdParams& p, bool aligned, cudaStream_t stream);
+cudaError_t run_fwd_(const FwdParams& p, bool aligned, int64_t variant, cudaStream_t stream);
 template <typename T, int D>
-cudaError_t run_bwd_(const BwdParams& p, bool aligned, cudaStream_t stream);
+cudaError_t run_bwd_(const BwdParams& p, bool aligned, int64_t variant, cudaStream_t stream);
 
 template <typename Kernel>
 cudaError_t set_smem_limit(Kernel kernel, size_t bytes) {
@@ -44,6 +51,7 @@ cudaError_t launch_fwd_kernel(Kernel kernel, const FwdParams& p, const Arg& arg,
   return cudaGetLastError();
 }
 
+#if defined(EFFATTN_CUDA_SM90A)
 // ---- the Hopper forward (flash_fwd_sm90_kernel.h) ----------------------------------
 
 // cuTensorMapEncodeTiled, a driver function, through the runtime (so the
@@ -91,31 +99,13 @@ inline bool encode_tile_map(CUtensorMap* map, const void* base, bool bf16, int64
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// EFFATTN_CUDA_SM90 (forward) and EFFATTN_CUDA_SM90_BWD (backward) opt into
-// the Hopper kernels (off by default: they have not yet run on a GPU): "1"
-// takes them where they can run, "require" makes a call they can't serve an
-// error instead (cudaErrorNotSupported; tests use it so a fallback can't pass
-// for them). Head dims without a Hopper kernel ignore them.
-enum class Sm90Mode { kOff, kOn, kRequire };
-inline Sm90Mode sm90_mode(const char* var) {
-  const char* opt = std::getenv(var);
-  if (opt == nullptr) return Sm90Mode::kOff;
-  if (std::strcmp(opt, "1") == 0) return Sm90Mode::kOn;
-  return std::strcmp(opt, "require") == 0 ? Sm90Mode::kRequire : Sm90Mode::kOff;
-}
-
-// The Hopper kernels run where they were compiled for sm_90a (setup.py defines
-// EFFATTN_CUDA_SM90A) and the device is sm_90 (H100, H200, GH200).
+// The Hopper kernels run where the device is sm_90 (H100, H200, GH200).
 inline bool sm90_device() {
-#if defined(EFFATTN_CUDA_SM90A)
   int device = 0, major = 0, minor = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) return false;
   return major == 9 && minor == 0;
-#else
-  return false;
-#endif
 }
 
 // Whether every TMA box of the Hopper kernels overlaps its tensor. At D = 128
@@ -158,15 +148,16 @@ struct HasSm90 : std::false_type {};
 template <typename Config>
 struct HasSm90<Config, std::void_t<typename Config::Sm90>> : std::true_type {};
 
-// Where environment variable `var` asks for a Hopper kernel: on an sm_90
+// Where the variant asks for a Hopper kernel (`bit` of it): on an sm_90
 // device, try_sm90(&launched) launches it (or leaves launched false when TMA
 // can't describe the tensors). *handled = true when that launched (or
-// failed), or under "require" when it could not run: then return this error.
+// failed), or under kSm90Require when it could not run: then return this
+// error (cudaErrorNotSupported; tests use it so a fallback can't pass for the
+// Hopper kernels).
 template <typename TrySm90>
-cudaError_t maybe_sm90(const char* var, TrySm90&& try_sm90, bool* handled) {
+cudaError_t maybe_sm90(int64_t variant, int64_t bit, TrySm90&& try_sm90, bool* handled) {
   *handled = false;
-  const Sm90Mode mode = sm90_mode(var);
-  if (mode == Sm90Mode::kOff) return cudaSuccess;
+  if (!(variant & bit)) return cudaSuccess;
   bool launched = false;
   if (sm90_device()) {
     const cudaError_t err = try_sm90(&launched);
@@ -175,24 +166,27 @@ cudaError_t maybe_sm90(const char* var, TrySm90&& try_sm90, bool* handled) {
       return err;
     }
   }
-  *handled = mode == Sm90Mode::kRequire;
+  *handled = (variant & kSm90Require) != 0;
   return *handled ? cudaErrorNotSupported : cudaSuccess;
 }
+#endif  // EFFATTN_CUDA_SM90A
 
-// The forward for this device: the Hopper kernel where the head dim has one,
-// EFFATTN_CUDA_SM90 asks for it and it can run; the sm_80 kernel otherwise.
+// The forward the variant asks for: the Hopper kernel where the head dim has
+// one, kSm90Fwd asks for it and it can run; the sm_80 kernel otherwise.
 template <typename Config>
-cudaError_t launch_fwd_for_device(const FwdParams& p, bool aligned, cudaStream_t stream) {
+cudaError_t launch_fwd_for_device(const FwdParams& p, bool aligned, int64_t variant, cudaStream_t stream) {
   if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) return cudaSuccess;
+#if defined(EFFATTN_CUDA_SM90A)
   if constexpr (HasSm90<Config>::value) {
     if (p.seqlen_k > 0) {  // no keys: nothing to load, the sm_80 kernel writes the zeros
       bool handled = false;
       const cudaError_t err = maybe_sm90(
-          "EFFATTN_CUDA_SM90", [&](bool* launched) { return launch_fwd_sm90<typename Config::Sm90>(p, stream, launched); },
-          &handled);
+          variant, kSm90Fwd,
+          [&](bool* launched) { return launch_fwd_sm90<typename Config::Sm90>(p, stream, launched); }, &handled);
       if (handled) return err;
     }
   }
+#endif
   using Traits = typename Config::Traits;
   return launch_fwd_kernel<Traits>(&flash_fwd_kernel<Traits>, p, aligned, stream);
 }
@@ -240,6 +234,7 @@ cudaError_t launch_bwd(const BwdParams& p, bool aligned, cudaStream_t stream) {
       p, stream, [&] { return launch_bwd_kernel<Traits>(&flash_bwd_kernel<Traits>, p, aligned, stream); });
 }
 
+#if defined(EFFATTN_CUDA_SM90A)
 // The Hopper backward's main kernel between the same delta and dQ steps;
 // *launched = false (and nothing done) where it can't take the tensors
 // (encode_qkv_maps, and dO's map like q's).
@@ -256,45 +251,41 @@ cudaError_t launch_bwd_sm90(const BwdParams& p, cudaStream_t stream, bool* launc
   return launch_bwd_steps<typename Traits::T>(
       p, stream, [&] { return launch_bwd_kernel<Traits>(&flash_bwd_sm90_kernel<Traits>, p, maps, stream); });
 }
+#endif  // EFFATTN_CUDA_SM90A
 
-// The backward for this device: the Hopper kernel as above; else the sm_80
-// kernel's tile set: Large where its shared memory fits what a block may opt
-// into, Small (<= 99 KB, every sm_80+ GPU) otherwise.
-// EFFATTN_CUDA_BWD_TILES=small|large overrides the choice (tests run Small
-// on GPUs that would pick Large).
+// The backward the variant asks for: the Hopper kernel as above (kSm90Bwd);
+// else the sm_80 kernel's Large tiles (kBwdTilesLarge: the cuda backend picks
+// them where their shared memory fits what a block may opt into) or Small
+// (<= 99 KB, every sm_80+ GPU).
 template <typename Config>
-cudaError_t launch_bwd_for_device(const BwdParams& p, bool aligned, cudaStream_t stream) {
+cudaError_t launch_bwd_for_device(const BwdParams& p, bool aligned, int64_t variant, cudaStream_t stream) {
   using Large = typename Config::Large;
   using Small = typename Config::Small;
-  if constexpr (HasSm90<Config>::value) {  // the Hopper backward where EFFATTN_CUDA_SM90_BWD asks for it
+#if defined(EFFATTN_CUDA_SM90A)
+  if constexpr (HasSm90<Config>::value) {  // the Hopper backward where the variant asks for it
     if (p.batch > 0 && p.heads_q > 0 && p.heads_kv > 0 && p.seqlen_k > 0 && p.seqlen_q > 0) {
       bool handled = false;
       const cudaError_t err = maybe_sm90(
-          "EFFATTN_CUDA_SM90_BWD",
+          variant, kSm90Bwd,
           [&](bool* launched) { return launch_bwd_sm90<typename Config::Sm90>(p, stream, launched); }, &handled);
       if (handled) return err;
     }
   }
+#endif
   static_assert(Small::kSmemBytes <= kSmemConsumerGpu, "the Small backward tiles fit every sm_80+ GPU");
   static_assert(Large::kSmemBytes <= 227 * 1024, "the Large backward tiles fit an sm_90 block");
   if constexpr (std::is_same_v<Large, Small>) {
     return launch_bwd<Large>(p, aligned, stream);
   } else {
-    const char* force = std::getenv("EFFATTN_CUDA_BWD_TILES");
-    bool large;
-    if (force != nullptr && std::strcmp(force, "small") == 0) {
-      large = false;
-    } else if (force != nullptr && std::strcmp(force, "large") == 0) {
-      large = true;
-    } else {
-      int device = 0, optin = 0;
-      cudaError_t err = cudaGetDevice(&device);
-      if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-      if (err != cudaSuccess) return err;
-      large = Large::kSmemBytes <= static_cast<size_t>(optin);
-    }
-    return large ? launch_bwd<Large>(p, aligned, stream) : launch_bwd<Small>(p, aligned, stream);
+    return (variant & kBwdTilesLarge) ? launch_bwd<Large>(p, aligned, stream) : launch_bwd<Small>(p, aligned, stream);
   }
+}
+
+// The Large backward tiles' shared memory at kernel head dim D (what the cuda
+// backend compares with the device's opt-in limit to choose kBwdTilesLarge).
+template <int D>
+constexpr size_t bwd_large_smem_bytes() {
+  return BwdConfig<__nv_bfloat16, D>::Large::kSmemBytes;
 }
 
 }  // namespace cuda

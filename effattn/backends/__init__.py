@@ -2,11 +2,13 @@
 
 ``effattn.backends()`` lists the backends and whether each is usable here;
 ``effattn.backends(q, k, v, **kwargs)`` says, for that call, which backends can
-serve it and why each other one cannot. (This package is callable for that.)
+serve it (and the kernel variant each would run) and why each other one
+cannot. (This package is callable for that.)
 
 ``auto`` picks the first backend in ``PRIORITY`` that can serve the call;
 the reference math comes last, with a warning, since it materialises the
-(L, S) score matrix.
+(L, S) score matrix. A call no backend serves raises NotImplementedError (a
+RuntimeError) with every backend's reasons.
 """
 from __future__ import annotations
 
@@ -34,7 +36,12 @@ BY_NAME: Dict[str, Backend] = {b.name: b for b in PRIORITY}
 
 
 class BackendReport(dict):
-    """name -> list of reasons it cannot serve (empty: it can)."""
+    """name -> list of reasons it cannot serve (empty: it can); ``variants``: name ->
+    the kernel variant it would run, for those that can."""
+
+    def __init__(self, items, variants=None):
+        super().__init__(items)
+        self.variants = variants or {}
 
     def usable(self) -> List[str]:
         return [name for name, reasons in self.items() if not reasons]
@@ -42,8 +49,17 @@ class BackendReport(dict):
     def __str__(self) -> str:
         lines = []
         for name, reasons in self.items():
-            lines.append(f"{name}: " + ("ok" if not reasons else "no: " + "; ".join(reasons)))
+            variant = self.variants.get(name)
+            ok = f"ok ({variant})" if variant else "ok"
+            lines.append(f"{name}: " + (ok if not reasons else "no: " + "; ".join(reasons)))
         return "\n".join(lines)
+
+
+def _variant(backend: Backend, spec) -> str:
+    try:
+        return backend.variant(spec)
+    except ValueError as exc:  # a configured variant that cannot run here
+        return f"but: {exc}"
 
 
 def report(*args, **kwargs) -> BackendReport:
@@ -51,7 +67,8 @@ def report(*args, **kwargs) -> BackendReport:
     if not args and not kwargs:
         return BackendReport((b.name, b.unavailable_reasons()) for b in PRIORITY)
     spec = make_spec(*args, **kwargs)
-    return BackendReport((b.name, b.reasons(spec)) for b in PRIORITY)
+    reasons = {b.name: b.reasons(spec) for b in PRIORITY}
+    return BackendReport(reasons, {b.name: _variant(b, spec) for b in PRIORITY if not reasons[b.name]})
 
 
 def select(spec: AttentionSpec, backend: str = "auto") -> Backend:
@@ -77,7 +94,7 @@ def select(spec: AttentionSpec, backend: str = "auto") -> Backend:
                               "which materialises the (L, S) score matrix", stacklevel=3)
             return b
         skipped.append(f"{b.name}: " + "; ".join(reasons))
-    raise RuntimeError("effattn.attention: no backend can serve this call: " + " | ".join(skipped))
+    raise NotImplementedError("effattn.attention: no backend can serve this call: " + " | ".join(skipped))
 
 
 class _CallableModule(types.ModuleType):

@@ -2,28 +2,32 @@
 recompute backward on tensor cores (mma.sync m16n8k16, compute capability 8.0+),
 float16 and bfloat16, head dims up to 256, forward and backward.
 
-The backward picks its tiles by the shared memory a block may use on the
-device (csrc/cuda/kernel_traits.h, BwdConfig): Large on sm_80/sm_90 where they
-fit, Small (<= 99 KB) on sm_86/sm_89 and newer consumer parts.
-EFFATTN_CUDA_BWD_TILES=small forces Small (the tests use it to run both sets
-on one GPU).
+The variant (the ops' `variant` argument, csrc/cuda/api.h's Variant bits) is
+chosen here, once per call, from effattn.config and the device:
 
-Hopper kernels (wgmma + TMA, csrc/cuda/flash_{fwd,bwd}_sm90_kernel.h) are
-built for sm_90a and opt-in until they have been verified on a GPU:
-EFFATTN_CUDA_SM90=1 for the forward, EFFATTN_CUDA_SM90_BWD=1 for the backward
-("require": an error instead of the sm_80 kernel where they can't run, for
-tests)."""
+* the backward's sm_80 tile set: Large where its shared memory fits what a
+  block may opt into on the device (sm_80, sm_90), Small (<= 99 KB) otherwise
+  (sm_86, sm_89); ``config.cuda_bwd_tiles`` = "large" / "small" forces one;
+* the Hopper kernels (wgmma + TMA, csrc/cuda/flash_{fwd,bwd}_sm90_kernel.h),
+  in builds that hold them (EFFATTN_UNVERIFIED=1) and only when asked
+  (``config.cuda_sm90`` / ``cuda_sm90_bwd`` = "1", or "require" to make a call
+  they cannot take an error): they have not run on a GPU yet.
+"""
 from __future__ import annotations
 
+import functools
 from typing import List
 
 import torch
 
-from .. import ops
-from .base import Backend, best_cuda_capability
+from .. import build_facts, config, ops, spec as S
+from .base import Backend, best_cuda_capability, cuda_capability
 
-# Kernel tile widths; other head dims run on the next larger one (zero-padded).
-HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+HEAD_DIMS = build_facts.CUDA_HEAD_DIMS  # kernel tile widths; other head dims run on the next larger one
+SM90_HEAD_DIMS = build_facts.CUDA_SM90_HEAD_DIMS
+
+# csrc/cuda/api.h, Variant
+SM90_FWD, SM90_BWD, SM90_REQUIRE, BWD_TILES_LARGE = 1, 2, 4, 8
 
 
 def _read_compiled_variants() -> int:
@@ -44,17 +48,8 @@ def compiled_variants() -> int:
     return _COMPILED_VARIANTS
 
 
-# The kernel head dims with Hopper kernels, forward and backward (kernel_traits.h,
-# FwdConfig/BwdConfig::Sm90).
-SM90_HEAD_DIMS = (64, 128)
-
-
 def sm90_kernels_compiled() -> bool:
-    """Whether this build holds the Hopper kernels (wgmma + TMA; built with TORCH_CUDA_ARCH_LIST
-    containing 9.0a, as by default). They run on sm_90 GPUs when opted into (EFFATTN_CUDA_SM90=1
-    for the forward, EFFATTN_CUDA_SM90_BWD=1 for the backward, until verified on a GPU), at the
-    kernel head dims above, where TMA can describe the tensors (16-byte aligned base and
-    strides); other calls take the sm_80 kernels."""
+    """Whether this build holds the Hopper kernels (EFFATTN_UNVERIFIED=1 with 9.0a in the arch list)."""
     return bool(compiled_variants() >> 16 & 1)
 
 
@@ -67,15 +62,24 @@ def kernel_head_dim(head_dim: int) -> int:
     return 0
 
 
-def _needs_backward(spec) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in (spec.q, spec.k, spec.v))
+@torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=None)
+def _large_bwd_tiles_fit(index: int, kernel_dim: int) -> bool:
+    """Whether the Large backward tiles at this kernel head dim fit a block on device ``index``."""
+    optin = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    return int(torch.ops.effattn.cuda_bwd_large_smem(kernel_dim)) <= optin
 
 
 class CudaBackend(Backend):
     name = "cuda"
     devices = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16)
+    # No NEGATIVE_BAND: the kernels read a negative band side as unbounded (block_utils.h).
+    features = (S.CAUSAL | S.CAUSAL_LOWER_RIGHT | S.WINDOW | S.KEY_LENGTHS | S.QUERY_LENGTHS | S.BOOL_MASK
+                | S.FLOAT_MASK | S.MASK_BROADCAST | S.GQA | S.VALUE_HEAD_DIM | S.RETURN_LSE)
+    max_head_dim = HEAD_DIMS[-1]
     min_cuda_capability = 80  # mma.sync m16n8k16 with bf16, cp.async
+    deterministic_backward = False  # dQ is accumulated with float atomics
 
     def unavailable_reasons(self) -> List[str]:
         if ops.LOAD_ERROR:
@@ -89,28 +93,37 @@ class CudaBackend(Backend):
             return ["needs a GPU of compute capability 8.0 or newer (Ampere, Ada, Hopper)"]
         return []
 
-    def not_supported_reasons(self, spec) -> List[str]:
-        reasons = super().not_supported_reasons(spec)
-        if spec.device.type != "cuda":
-            return reasons
-        E, Ev = spec.q.shape[-1], spec.v.shape[-1]
-        need = max(E, Ev)
-        if spec.dtype in self.dtypes:
-            if need > HEAD_DIMS[-1]:
-                reasons.append(f"supports head dims up to {HEAD_DIMS[-1]}, got {need}")
-            elif kernel_head_dim(need) == 0:
-                reasons.append(f"this build has no CUDA kernel for head dim {need} "
-                               "(EFFATTN_CUDA_HEAD_DIMS at build time)")
-        if _needs_backward(spec) and torch.are_deterministic_algorithms_enabled():
-            reasons.append("its backward adds dQ with float atomics, which is not deterministic "
-                           "(torch.use_deterministic_algorithms is on; the triton and cpu backends are)")
-        if spec.dropout_p > 0.0:
-            reasons.append("does not implement dropout")
+    def limits(self, spec) -> List[str]:
+        reasons = []
+        need = max(spec.head_dim, spec.head_dim_v)
+        if kernel_head_dim(need) == 0:
+            reasons.append(f"this build has no CUDA kernel for head dim {need} "
+                           "(EFFATTN_CUDA_HEAD_DIMS at build time)")
         if spec.q.shape[0] > 65535 or spec.heads_q > 65535:
             reasons.append("supports batch and heads up to 65535 each")
         if max(spec.seqlen_q, spec.seqlen_k) >= 1 << 30:
             reasons.append("supports sequence lengths below 2**30")
         return reasons
 
+    def variant_bits(self, spec) -> int:
+        dim = kernel_head_dim(max(spec.head_dim, spec.head_dim_v))
+        index = spec.device.index if spec.device.index is not None else 0
+        tiles = config.checked("cuda_bwd_tiles", config.cuda_bwd_tiles)
+        large = tiles == "large" or (tiles == "auto" and _large_bwd_tiles_fit(index, dim))
+        bits = BWD_TILES_LARGE if large else 0
+        if sm90_kernels_compiled() and dim in SM90_HEAD_DIMS and cuda_capability(index) == 90:
+            fwd = config.checked("cuda_sm90", config.cuda_sm90)
+            bwd = config.checked("cuda_sm90_bwd", config.cuda_sm90_bwd)
+            bits |= (SM90_FWD if fwd != "0" else 0) | (SM90_BWD if bwd != "0" else 0)
+            bits |= SM90_REQUIRE if "require" in (fwd, bwd) else 0
+        return bits
+
+    def variant(self, spec) -> str:
+        bits = self.variant_bits(spec)
+        fwd = "sm90 (Hopper) where TMA can take the tensors" if bits & SM90_FWD else "sm80"
+        bwd = "sm90 (Hopper)" if bits & SM90_BWD else ("sm80, large tiles" if bits & BWD_TILES_LARGE
+                                                       else "sm80, small tiles")
+        return f"forward {fwd}, backward {bwd}"
+
     def forward(self, spec):
-        return ops.fwd(spec)
+        return ops.CPP(spec, self.variant_bits(spec))

@@ -5,9 +5,12 @@ Triton's interpreter (TRITON_INTERPRET=1 set before effattn is imported) it
 also runs on CPU tensors, slowly: that is how CI tests the kernels without a
 GPU. It never takes CPU tensors in ``auto`` ahead of the C++ CPU kernel.
 
-float32 inputs use TF32 tensor-core matmuls by default (as
-``torch.backends.cuda.matmul.allow_tf32 = True`` would); call
-``effattn.backends.triton.set_float32_precision("ieee")`` for exact float32.
+The variant (the ops' `variant` argument) comes from effattn.config: float32
+inputs use TF32 tensor-core matmuls by default (as
+``torch.backends.cuda.matmul.allow_tf32 = True`` would); ``config.triton_fp32 =
+"ieee"`` (or ``set_float32_precision("ieee")``) for exact float32; and
+``config.triton_tma = "1"`` the forward's tensor-descriptor (TMA) loads on
+Hopper, not yet run on a GPU, so off by default.
 """
 from __future__ import annotations
 
@@ -16,7 +19,11 @@ import os
 
 import torch
 
+from .. import config, spec as S
 from .base import Backend
+
+# The ops' `variant` bits for this backend (effattn/triton/ops.py reads them).
+FP32_IEEE, TMA = 1, 2
 
 MAX_HEAD_DIM = 256
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None  # once: a constant under torch.compile
@@ -42,25 +49,28 @@ def _interpreter_problem() -> str:
 
 
 _INTERPRETER_PROBLEM = _interpreter_problem() if _INTERPRET and _TRITON_FOUND else ""  # once, as above
-_FP32_PRECISION = "tf32"
 
 
 def set_float32_precision(precision: str) -> None:
-    """"tf32" (default: tensor cores, ~1e-3 relative error) or "ieee" (exact float32)."""
-    global _FP32_PRECISION
+    """"tf32" (default: tensor cores, ~1e-3 relative error) or "ieee" (exact float32):
+    sets effattn.config.triton_fp32."""
     if precision not in ("tf32", "ieee"):
         raise ValueError(f"effattn: float32 precision must be 'tf32' or 'ieee', got {precision!r}")
-    _FP32_PRECISION = precision
+    config.triton_fp32 = precision
 
 
 def get_float32_precision() -> str:
-    return _FP32_PRECISION
+    return config.checked("triton_fp32", config.triton_fp32)
 
 
 class TritonBackend(Backend):
     name = "triton"
     devices = ("cuda", "cpu") if _INTERPRET else ("cuda",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    features = (S.CAUSAL | S.CAUSAL_LOWER_RIGHT | S.WINDOW | S.NEGATIVE_BAND | S.KEY_LENGTHS | S.QUERY_LENGTHS
+                | S.BOOL_MASK | S.FLOAT_MASK | S.MASK_BROADCAST | S.GQA | S.VALUE_HEAD_DIM | S.RETURN_LSE)
+    max_head_dim = MAX_HEAD_DIM
+    min_head_dim = 1
     min_cuda_capability = 80  # the kernels' bf16 tensor-core dots and tiles assume Ampere or newer
 
     def unavailable_reasons(self):
@@ -72,16 +82,17 @@ class TritonBackend(Backend):
             return ["no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"]
         return []
 
-    def not_supported_reasons(self, spec):
-        reasons = super().not_supported_reasons(spec)
-        E, Ev = spec.q.shape[-1], spec.v.shape[-1]
-        if E > MAX_HEAD_DIM or Ev > MAX_HEAD_DIM:
-            reasons.append(f"head dims up to {MAX_HEAD_DIM}, got query/key {E} and value {Ev}")
-        if E == 0:
-            reasons.append("head dim 0")
-        return reasons
+    def variant_bits(self, spec) -> int:
+        bits = FP32_IEEE if spec.q.dtype == torch.float32 and config.checked("triton_fp32", config.triton_fp32) == "ieee" else 0
+        return bits | (TMA if config.checked("triton_tma", config.triton_tma) == "1" else 0)
+
+    def variant(self, spec) -> str:
+        bits = self.variant_bits(spec)
+        name = ("float32 ieee" if bits & FP32_IEEE else "tf32") if spec.q.dtype == torch.float32 else ""
+        tma = "tensor-descriptor loads where the tensors allow" if bits & TMA else ""
+        return ", ".join(x for x in (name, tma) if x)
 
     def forward(self, spec):
         from ..triton import ops  # imports Triton on first use
 
-        return ops.fwd(spec, fp32_ieee=_FP32_PRECISION == "ieee")
+        return ops.TRITON(spec, self.variant_bits(spec))

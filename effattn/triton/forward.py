@@ -7,10 +7,11 @@ S = Q K^T (fp32 accumulators), the running row max m and sum l of
 exp2(S * scale * log2 e - m), and acc = sum P V rescaled as m grows. It
 writes out = acc / l and the log-sum-exp once: no (L, S) buffer exists.
 
-Key blocks are visited in three runs (tiles.block_ranges): edge blocks that
-need the structure mask (window, lengths), then interior blocks that need
-none, then the far edge. The dense mask, when there is one, is read tile by
-tile through its strides in every block (any stride may be 0).
+Key blocks are visited in three runs (tiles.block_ranges), one loop over a
+constexpr stage (tiles.stage_range): edge blocks that need the structure
+mask (window, lengths), then interior blocks that need none, then the far
+edge. The dense mask, when there is one, is read tile by tile through its
+strides in every block (any stride may be 0).
 
 Split keys (flash-decoding): with few query blocks (e.g. attention pooling or
 decoding, Lq <= 16) the grid alone cannot fill the GPU, so the keys are cut
@@ -32,13 +33,14 @@ than it gains. Strides are, so row loads stay 16-byte vectors.
 import triton
 import triton.language as tl
 
-from .tiles import load_mask, mma, query_block_key_ranges, sequence_lengths, structure_visible
+from .tiles import (head_ptr, masked_scores, mma, query_block, query_block_key_ranges, row_block, sequence_lengths,
+                    stage_range, tile_offsets)
 
 
 @triton.jit
 def _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, tile_b, tile_h, mask_base, start_n, offs_m,
                offs_n0, offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, L, S, key_len, query_len,
-               qk_scale, near, far,
+               qk_scale, window_left, window_right,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, STRUCTURE_MASK: tl.constexpr,
                MASK_KIND: tl.constexpr,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
@@ -57,16 +59,8 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, tile_b, tile_h,
         kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None], mask=kt_mask,
                      other=0.0)
     s = mma(q, kt, tl.zeros((q.shape[0], kt.shape[1]), tl.float32), UPCAST, PRECISION) * qk_scale
-    if MASK_KIND == 2:
-        s += load_mask(mask_base, offs_m[:, None], offs_n[None, :], stride_mm, stride_mn, L, S, MASK_KIND)
-    if MASK_KIND == 1:
-        keep = load_mask(mask_base, offs_m[:, None], offs_n[None, :], stride_mm, stride_mn, L, S, MASK_KIND)
-        if STRUCTURE_MASK:
-            keep = keep & structure_visible(offs_m[:, None], offs_n[None, :], query_len, key_len, near, far)
-        s = tl.where(keep, s, float("-inf"))
-    elif STRUCTURE_MASK:
-        keep = structure_visible(offs_m[:, None], offs_n[None, :], query_len, key_len, near, far)
-        s = tl.where(keep, s, float("-inf"))
+    s = masked_scores(s, offs_m, offs_n, mask_base, stride_mm, stride_mn, L, S, query_len, key_len, window_left,
+                      window_right, STRUCTURE_MASK, MASK_KIND)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if STRUCTURE_MASK or MASK_KIND != 0:
         # a row with nothing visible yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
@@ -88,51 +82,30 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, tile_b, tile_h,
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["H", "GROUP", "L", "S", "KEYS_PER_SPLIT", "L_BUCKET", "S_BUCKET", "window_left", "window_right"])
+@triton.jit(do_not_specialize=["H", "GROUP", "L", "S", "KEYS_PER_SPLIT", "L_BUCKET", "S_BUCKET", "window_left",
+                               "window_right"])
 def attn_fwd_kernel(
-    # ---- pointers ----
+    # ---- pointers: q, k, v (B, H or HKV, L or S, dim); out (B, H, L, Ev) or its per-split
+    # partials (splits, B, H, L, Ev); lse (B, H, L) or (splits, B, H, L), contiguous; the mask, a
+    # broadcast view of (B, H, L, S); the (B,) int64 lengths ----
     Q, K, V, O, LSE, MASK, KEY_LENGTHS, QUERY_LENGTHS,
-    # ---- strides, in elements (the last dim has stride 1) ----
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om, stride_osplit,
-    stride_lsplit,  # LSE is (splits, B, H, L) contiguous
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    # ---- sizes ----
-    H, GROUP, L, S, KEYS_PER_SPLIT,
-    L_BUCKET, S_BUCKET,  # powers of two, only for the autotune key
-    # ---- semantics ----
-    qk_scale,  # softmax scale * log2(e)
-    window_left, window_right,
-    # ---- meta-parameters ----
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
-    MASK_KIND: tl.constexpr,  # 0 none, 1 bool (uint8), 2 additive float
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr = False,
+    # ---- strides in elements, (batch, head, row) of q, k, v, out (+ split), then the mask's 4 ----
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om, stride_osplit, stride_lsplit, stride_mb, stride_mh, stride_mm, stride_mn,
+    # ---- sizes (the buckets: powers of two, only for the autotune key) and semantics (qk_scale:
+    # the softmax scale * log2 e) ----
+    H, GROUP, L, S, KEYS_PER_SPLIT, L_BUCKET, S_BUCKET, qk_scale, window_left, window_right,
+    # ---- meta-parameters: head dims (and padded), tile, lengths given, MASK_KIND 0 none / 1 bool / 2 float ----
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
+    MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    split = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
+    b, h, hk, bh, split, m0 = query_block(H, GROUP, BLOCK_M)
+    query_len, key_len = sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S, HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
+    offs_m, offs_n0, offs_d, offs_dv = tile_offsets(m0, BLOCK_M, BLOCK_N, HEAD_DIM_PAD, HEAD_DIM_V_PAD)
 
-    query_len, key_len = sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S,
-                                          HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
-
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    k_base = head_ptr(K, b, hk, stride_kb, stride_kh)
+    v_base = head_ptr(V, b, hk, stride_vb, stride_vh)
     k_desc = None
     v_desc = None
     if USE_TMA:  # (B, Hkv, S, E) views of K and V; the host checked TMA's alignment rules
@@ -145,7 +118,7 @@ def attn_fwd_kernel(
                                            block_shape=[1, 1, BLOCK_N, HEAD_DIM_V_PAD])
     mask_base = MASK
     if MASK_KIND != 0:
-        mask_base = MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        mask_base = head_ptr(MASK, b, h, stride_mb, stride_mh)
 
     # ---- the key blocks these rows can see, within this split ----
     lo, a, c, hi = query_block_key_ranges(m0, split, KEYS_PER_SPLIT, query_len, key_len, window_left,
@@ -155,36 +128,24 @@ def attn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     if hi > lo:
-        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                    mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        # ---- near edge: masked ----
-        for start_n in range(lo, a, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_base,
-                                       start_n, offs_m, offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
-                                       stride_mm, stride_mn, L, S, key_len, query_len, qk_scale, window_left,
-                                       window_right, HEAD_DIM, HEAD_DIM_V, True, MASK_KIND,
-                                       UPCAST, PRECISION, False)
-        # ---- interior: every pair visible by structure ----
-        for start_n in range(a, c, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_base,
-                                       start_n, offs_m, offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
-                                       stride_mm, stride_mn, L, S, key_len, query_len, qk_scale, window_left,
-                                       window_right, HEAD_DIM, HEAD_DIM_V, False, MASK_KIND,
-                                       UPCAST, PRECISION, USE_TMA)
-        # ---- far edge: masked ----
-        for start_n in range(c, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_base,
-                                       start_n, offs_m, offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
-                                       stride_mm, stride_mn, L, S, key_len, query_len, qk_scale, window_left,
-                                       window_right, HEAD_DIM, HEAD_DIM_V, True, MASK_KIND,
-                                       UPCAST, PRECISION, False)
+        q = tl.load(head_ptr(Q, b, h, stride_qb, stride_qh) + offs_m[:, None].to(tl.int64) * stride_qm
+                    + offs_d[None, :], mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        # ---- near edge (masked), interior (every pair visible by structure), far edge (masked) ----
+        for stage in tl.static_range(3):
+            start, end = stage_range(stage, lo, a, c, hi)
+            for start_n in range(start, end, BLOCK_N):
+                acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_base,
+                                           start_n, offs_m, offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
+                                           stride_mm, stride_mn, L, S, key_len, query_len, qk_scale,
+                                           window_left, window_right, HEAD_DIM, HEAD_DIM_V, stage != 1,
+                                           MASK_KIND, UPCAST, PRECISION, USE_TMA and stage == 1)
 
     # ---- epilogue: normalise; rows that saw nothing (or are padding) give 0 and -inf ----
     empty = (l_i == 0.0) | (offs_m >= query_len)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     out = tl.where(empty[:, None], 0.0, out)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
-    o_ptrs = (O + split.to(tl.int64) * stride_osplit + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    o_ptrs = (head_ptr(O + split.to(tl.int64) * stride_osplit, b, h, stride_ob, stride_oh)
               + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V))
     lse_ptrs = LSE + split.to(tl.int64) * stride_lsplit + bh.to(tl.int64) * L + offs_m
@@ -206,12 +167,7 @@ def merge_splits_kernel(
 
     O_PART is (splits, B, H, L, HEAD_DIM_V) float32 contiguous, LSE_PART
     (splits, B, H, L); splits that saw no key have lse_s = -inf, weight 0."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    b, h, bh, offs_m, offs_dv = row_block(H, BLOCK_M, HEAD_DIM_V_PAD)
     row_ok = offs_m < L
     part = bh.to(tl.int64) * L + offs_m  # row index into one split's (B*H*L)
     n_rows = tl.num_programs(1).to(tl.int64) * L
@@ -230,6 +186,6 @@ def merge_splits_kernel(
     empty = total == 0.0
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, total)[:, None])
     lse = tl.where(empty, float("-inf"), m_shift + tl.log(total))
-    tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
-             + offs_dv[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(head_ptr(O, b, h, stride_ob, stride_oh) + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(LSE + part, lse, mask=row_ok)

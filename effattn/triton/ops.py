@@ -1,14 +1,13 @@
 """The Triton kernels as PyTorch ops: ``effattn::triton_fwd`` and
 ``effattn::triton_bwd``, defined with ``torch.library.triton_op`` so that
 ``torch.compile(fullgraph=True)`` traces through them (the kernels are
-launched with ``wrap_triton``), with the recompute backward registered as the
-forward's autograd formula.
+launched with ``wrap_triton``); effattn/ops.py's OpFamily registers the
+recompute backward as the forward's autograd formula, as for the C++ ops.
 
-Arguments are the canonical spec (effattn/spec.py): q (B, Hq, L, E),
-k (B, Hkv, S, E), v (B, Hkv, S, Ev) with a contiguous last dim and any other
-strides; mask a broadcast view of (B, Hq, L, S) or None; lengths (B,) int64
-or None; window sides -1 for unbounded, with causal already folded into
-window_right. Outputs follow the input layouts (as the C++ ops).
+Arguments: the op layer's (effattn/ops.py), the same as the C++ ops': the
+canonical spec's tensors, the band's sides (None: unbounded) and the variant
+bits of effattn/backends/triton.py (FP32_IEEE, TMA). Outputs follow the
+input layouts (as the C++ ops).
 """
 from __future__ import annotations
 
@@ -22,8 +21,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from ..ops import (EagerCaller, check_op_args, empty_in_layout_of, not_differentiable_autograd,
-                   recompute_autograd)
+from ..backends.triton import FP32_IEEE, TMA
+from ..ops import OpFamily, check_op_args, empty_in_layout_of
 from . import configs
 from .backward import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .forward import attn_fwd_kernel, merge_splits_kernel
@@ -39,16 +38,6 @@ def _pad(d: int) -> int:
 
 def _bucket(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
-
-
-def _mask_args(mask: Optional[Tensor], dtype: torch.dtype):
-    """(tensor for the kernel, kind, 4 strides). A bool mask is read as uint8."""
-    if mask is None:
-        return None, 0, (0, 0, 0, 0)
-    strides = tuple(mask.stride())
-    if mask.dtype == torch.bool:
-        return mask.view(torch.uint8), 1, strides
-    return mask, 2, strides
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,24 +57,44 @@ def _num_splits(n_programs: int, S: int, device: torch.device) -> int:
     return max(1, min(want, triton.cdiv(S, SPLIT_CHUNK)))
 
 
-def _common(q: Tensor, k: Tensor, v: Tensor, window_left: int, window_right: int,
-            key_lengths, query_lengths, mask, backward=None):
-    check_op_args(q, k, v, mask, key_lengths, query_lengths, (window_left, window_right), backward)
+def _key_splits(n_programs: int, L: int, S: int, device: torch.device, d_pad: int, elem: int, smem: int,
+                masked: bool):
+    """The split-keys launch of the forward and dQ kernels (flash-decoding) for short queries:
+    (splits, keys per split, (BLOCK_M, BLOCK_N, warps, stages)), or (1, S, None) for the plain one."""
+    splits = _num_splits(n_programs, S, device) if L <= configs.SHORT_QUERY_ROWS else 1
+    if splits == 1:
+        return 1, S, None
+    per_split = triton.cdiv(triton.cdiv(S, splits), SPLIT_CHUNK) * SPLIT_CHUNK
+    return triton.cdiv(S, per_split), per_split, configs.short(d_pad, elem, INTERPRET, smem, masked)
+
+
+def _strides(t: Tensor):
+    """The (batch, head, row) strides of a (B, H, rows, dim) tensor, as every kernel takes
+    them (the last dim is contiguous); for (splits, B, H, rows, dim) per-split partials, those
+    and then the split stride. (The kernels get the whole partials tensor, not a view of split
+    0: under torch.compile a kernel's written argument must be what it writes.)"""
+    if t.dim() == 5:
+        return t.stride(1), t.stride(2), t.stride(3), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _common(q: Tensor, k: Tensor, v: Tensor, key_lengths, query_lengths, mask, variant: int, backward=None):
+    """(sizes, the constexprs every kernel takes, the mask and lengths arguments)."""
+    check_op_args(q, k, v, mask, key_lengths, query_lengths, backward)
     B, H, L, E = q.shape
     HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-    mask_t, mask_kind, mstr = _mask_args(mask, q.dtype)
     meta = dict(
         HEAD_DIM=E, HEAD_DIM_PAD=_pad(E), HEAD_DIM_V=EV, HEAD_DIM_V_PAD=_pad(EV),
         HAS_KEY_LENGTHS=key_lengths is not None, HAS_QUERY_LENGTHS=query_lengths is not None,
-        MASK_KIND=mask_kind,
+        MASK_KIND=0 if mask is None else (1 if mask.dtype == torch.bool else 2),
         UPCAST=INTERPRET and q.dtype in (torch.bfloat16, torch.float16),
+        PRECISION="ieee" if q.dtype == torch.float32 and variant & FP32_IEEE else "tf32",
     )
-    # unused pointer slots get any tensor (never read: their flags are off)
-    dummy = q
-    ptrs = (mask_t if mask_t is not None else dummy,
-            key_lengths if key_lengths is not None else dummy,
-            query_lengths if query_lengths is not None else dummy)
-    return B, H, HKV, L, S, E, EV, mstr, meta, ptrs
+    # unused pointer slots get any tensor (never read: their flags are off); a bool mask is read as uint8
+    pointers = (q if mask is None else mask.view(torch.uint8) if mask.dtype == torch.bool else mask,
+                key_lengths if key_lengths is not None else q, query_lengths if query_lengths is not None else q)
+    mask_strides = (0, 0, 0, 0) if mask is None else tuple(mask.stride())
+    return (B, H, HKV, L, S, EV), meta, pointers, mask_strides
 
 
 def _long(L, S) -> bool:
@@ -95,22 +104,23 @@ def _long(L, S) -> bool:
     return INTERPRET and max(L, S) > 256
 
 
-def _window(side: int) -> int:
-    """-1 (unbounded) becomes a bound no index reaches, so the kernels need no flag."""
-    return UNBOUNDED if side < 0 else min(side, UNBOUNDED)
+def _window(side: Optional[int]) -> int:
+    """None (unbounded) becomes a bound no index reaches, so the kernels need no flag."""
+    return UNBOUNDED if side is None else max(-UNBOUNDED, min(side, UNBOUNDED))
 
 
-def _use_tma(q: Tensor, k: Tensor, v: Tensor, head_dim_pad: int, head_dim_v_pad: int) -> bool:
+def _use_tma(q: Tensor, k: Tensor, v: Tensor, head_dim_pad: int, head_dim_v_pad: int, variant: int) -> bool:
     """Whether the forward's interior blocks load K and V through tensor descriptors.
 
-    Opt-in (EFFATTN_TRITON_TMA=1) until measured on a GPU: tested for
-    correctness under the interpreter, and compiled for sm_90 on the CPU
-    (bench/dev/triton_aot.py), but never run on a GPU. Needs Hopper or newer
-    (or the interpreter), power-of-two head dims, and TMA's alignment: 16-byte
-    aligned bases and 16-byte multiples for every stride but the last. Not
-    under torch.compile (device-side descriptors need triton.set_allocator's
-    scratch memory, which a compiled graph does not set up)."""
-    if os.environ.get("EFFATTN_TRITON_TMA", "0") != "1" or torch.compiler.is_compiling() or is_fake(q):
+    Opt-in (the variant's TMA bit: effattn.config.triton_tma) until measured
+    on a GPU: tested for correctness under the interpreter, and compiled for
+    sm_90 on the CPU (bench/dev/triton_aot.py), but never run on a GPU. Needs
+    Hopper or newer (or the interpreter), power-of-two head dims, and TMA's
+    alignment: 16-byte aligned bases and 16-byte multiples for every stride
+    but the last. Not under torch.compile (device-side descriptors need
+    triton.set_allocator's scratch memory, which a compiled graph does not
+    set up)."""
+    if not variant & TMA or torch.compiler.is_compiling() or is_fake(q):
         return False  # (fake tensors: torch.compile tracing this op's body into a graph)
     if k.shape[-1] != head_dim_pad or v.shape[-1] != head_dim_v_pad:
         return False
@@ -130,58 +140,46 @@ def _tma_scratch(device: torch.device):
     return alloc
 
 
-def _precision(dtype: torch.dtype, fp32_ieee: bool) -> str:
-    return "ieee" if dtype == torch.float32 and fp32_ieee else "tf32"
-
-
 @triton_op("effattn::triton_fwd", mutates_args=())
 def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_lengths: Optional[Tensor],
-               query_lengths: Optional[Tensor], scale: float, window_left: int, window_right: int,
-               fp32_ieee: bool) -> Tuple[Tensor, Tensor]:
-    B, H, HKV, L, S, E, EV, mstr, meta, (mask_t, klen, qlen) = _common(
-        q, k, v, window_left, window_right, key_lengths, query_lengths, mask)
-    window_left, window_right = _window(window_left), _window(window_right)
+               query_lengths: Optional[Tensor], scale: float, window_left: Optional[int],
+               window_right: Optional[int], variant: int) -> Tuple[Tensor, Tensor]:
+    (B, H, HKV, L, S, EV), meta, mask_and_lengths, mask_strides = _common(q, k, v, key_lengths, query_lengths,
+                                                                          mask, variant)
     out = empty_in_layout_of(q, (B, H, L, EV), q.dtype)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if B * H * L == 0:
         return out, lse
-    meta["PRECISION"] = _precision(q.dtype, fp32_ieee)
     elem = q.element_size()
     # configs are sized by the wider head dim and the device's shared memory per block
     d_pad, smem = max(meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"]), configs.smem_limit(q.device)
-    args_tail = (mstr[0], mstr[1], mstr[2], mstr[3], H, H // HKV, L, S)
-    splits = _num_splits(B * H, S, q.device) if L <= configs.SHORT_QUERY_ROWS else 1
+    semantics = (scale * LOG2E, _window(window_left), _window(window_right))
+    splits, per_split, short = _key_splits(B * H, L, S, q.device, d_pad, elem, smem, mask is not None)
     if splits > 1:
-        bm, bn, w, st = configs.short(d_pad, elem, INTERPRET, smem, mask is not None)
-        per_split = triton.cdiv(triton.cdiv(S, splits), SPLIT_CHUNK) * SPLIT_CHUNK
-        splits = triton.cdiv(S, per_split)
+        bm, bn, w, st = short
         o_part = torch.empty((splits, B, H, L, EV), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((splits, B, H, L), dtype=torch.float32, device=q.device)
         wrap_triton(attn_fwd_kernel)[(triton.cdiv(L, bm), B * H, splits)](
-            q, k, v, o_part, lse_part, mask_t, klen, qlen,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            o_part.stride(1), o_part.stride(2), o_part.stride(3), o_part.stride(0), lse_part.stride(0),
-            *args_tail, per_split, _bucket(L), _bucket(S), scale * LOG2E, window_left, window_right,
+            q, k, v, o_part, lse_part, *mask_and_lengths,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o_part), lse_part.stride(0), *mask_strides,
+            H, H // HKV, L, S, per_split, _bucket(L), _bucket(S), *semantics,
             # every argument, defaults included: torch.compile reads the kernel's IR for the
             # tensors it writes, and without one it assumes all (and copies q, k, v first)
             USE_TMA=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **meta)
         wrap_triton(merge_splits_kernel)[(triton.cdiv(L, 16), B * H)](
-            o_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2), H, L, splits,
+            o_part, lse_part, out, lse, *_strides(out), H, L, splits,
             HEAD_DIM_V=EV, HEAD_DIM_V_PAD=meta["HEAD_DIM_V_PAD"], BLOCK_M=16, num_warps=4)
         return out, lse
-    use_tma = _use_tma(q, k, v, meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"])
+    use_tma = _use_tma(q, k, v, meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"], variant)
     if use_tma:
         triton.set_allocator(_tma_scratch(q.device))
     kernel, fixed = configs.launcher(attn_fwd_kernel, "fwd", d_pad, elem, INTERPRET, _long(L, S), smem,
                                      mask is not None)
     grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H, 1)  # noqa: E731
     wrap_triton(kernel)[grid](
-        q, k, v, out, lse, mask_t, klen, qlen,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), 0, 0,
-        *args_tail, max(S, 1), _bucket(L), _bucket(S), scale * LOG2E, window_left, window_right,
+        q, k, v, out, lse, *mask_and_lengths,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), 0, 0, *mask_strides,
+        H, H // HKV, L, S, max(S, 1), _bucket(L), _bucket(S), *semantics,
         USE_TMA=use_tma, **meta, **(fixed or {}))
     return out, lse
 
@@ -189,86 +187,61 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_leng
 @triton_op("effattn::triton_bwd", mutates_args=())
 def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                lse: Tensor, mask: Optional[Tensor], key_lengths: Optional[Tensor],
-               query_lengths: Optional[Tensor], scale: float, window_left: int, window_right: int,
-               fp32_ieee: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    B, H, HKV, L, S, E, EV, mstr, meta, (mask_t, klen, qlen) = _common(
-        q, k, v, window_left, window_right, key_lengths, query_lengths, mask,
+               query_lengths: Optional[Tensor], scale: float, window_left: Optional[int],
+               window_right: Optional[int], variant: int) -> Tuple[Tensor, Tensor, Tensor]:
+    (B, H, HKV, L, S, EV), meta, mask_and_lengths, mask_strides = _common(
+        q, k, v, key_lengths, query_lengths, mask, variant,
         dict(grad_out=grad_out, grad_lse=grad_lse, out=out, lse=lse))
-    window_left, window_right = _window(window_left), _window(window_right)
+    E = q.shape[3]
     dq = empty_in_layout_of(q, (B, H, L, E), q.dtype)
     dk = empty_in_layout_of(k, (B, HKV, S, E), k.dtype)
     dv = empty_in_layout_of(v, (B, HKV, S, EV), v.dtype)
     if B * H * L == 0 or S == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    meta["PRECISION"] = _precision(q.dtype, fp32_ieee)
     elem = q.element_size()
     d_pad, smem = max(meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"]), configs.smem_limit(q.device)
+    semantics = (scale, scale * LOG2E, _window(window_left), _window(window_right))
+    buckets = (_bucket(L), _bucket(S))
 
     # ---- 1. delta and lse2, (B, H, L) float32 each ----
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     lse2 = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     dlse = grad_lse.to(torch.float32).contiguous() if grad_lse is not None else lse
     wrap_triton(bwd_preprocess_kernel)[(triton.cdiv(L, 64), B * H)](
-        out, grad_out, lse, dlse, delta, lse2,
-        out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        H, L, HEAD_DIM_V=EV, HEAD_DIM_V_PAD=meta["HEAD_DIM_V_PAD"], BLOCK_M=64,
-        HAS_DLSE=grad_lse is not None, num_warps=4)
+        out, grad_out, lse, dlse, delta, lse2, *_strides(out), *_strides(grad_out), H, L,
+        HEAD_DIM_V=EV, HEAD_DIM_V_PAD=meta["HEAD_DIM_V_PAD"], BLOCK_M=64, HAS_DLSE=grad_lse is not None,
+        num_warps=4)
 
-    common = dict(meta)
-    buckets = (_bucket(L), _bucket(S))
     # ---- 2. dK, dV: one program per key block ----
     kernel, fixed = configs.launcher(bwd_dkdv_kernel, "dkdv", d_pad, elem, INTERPRET, _long(L, S), smem,
                                      mask is not None)
     grid = lambda META: (triton.cdiv(S, META["BLOCK_N"]), B * HKV)  # noqa: E731
     wrap_triton(kernel)[grid](
-        q, k, v, grad_out, lse2, delta, dk, dv, mask_t, klen, qlen,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        mstr[0], mstr[1], mstr[2], mstr[3], H, HKV, H // HKV, L, S, *buckets,
-        scale, scale * LOG2E, window_left, window_right, **common, **(fixed or {}))
+        q, k, v, grad_out, lse2, delta, dk, dv, *mask_and_lengths,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv), *mask_strides,
+        H, HKV, H // HKV, L, S, *buckets, *semantics, **meta, **(fixed or {}))
 
     # ---- 3. dQ: one program per query block (and key split, for short queries) ----
-    splits = _num_splits(B * H, S, q.device) if L <= configs.SHORT_QUERY_ROWS else 1
-    tail = (mstr[0], mstr[1], mstr[2], mstr[3], H, H // HKV, L, S)
+    splits, per_split, short = _key_splits(B * H, L, S, q.device, d_pad, elem, smem, mask is not None)
     if splits > 1:
-        bm, bn, w, st = configs.short(d_pad, elem, INTERPRET, smem, mask is not None)
-        per_split = triton.cdiv(triton.cdiv(S, splits), SPLIT_CHUNK) * SPLIT_CHUNK
-        splits = triton.cdiv(S, per_split)
+        bm, bn, w, st = short
         dq_part = torch.empty((splits, B, H, L, E), dtype=torch.float32, device=q.device)
         wrap_triton(bwd_dq_kernel)[(triton.cdiv(L, bm), B * H, splits)](
-            q, k, v, grad_out, lse2, delta, dq_part, mask_t, klen, qlen,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dq_part.stride(1), dq_part.stride(2), dq_part.stride(3), dq_part.stride(0),
-            *tail, per_split, *buckets, scale, scale * LOG2E, window_left, window_right,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **common)
+            q, k, v, grad_out, lse2, delta, dq_part, *mask_and_lengths,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq_part), *mask_strides,
+            H, H // HKV, L, S, per_split, *buckets, *semantics,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **meta)
         dq.copy_(dq_part.sum(0))
         return dq, dk, dv
     kernel, fixed = configs.launcher(bwd_dq_kernel, "dq", d_pad, elem, INTERPRET, _long(L, S), smem,
                                      mask is not None)
     grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H, 1)  # noqa: E731
     wrap_triton(kernel)[grid](
-        q, k, v, grad_out, lse2, delta, dq, mask_t, klen, qlen,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), 0,
-        *tail, max(S, 1), *buckets, scale, scale * LOG2E, window_left, window_right,
-        **common, **(fixed or {}))
+        q, k, v, grad_out, lse2, delta, dq, *mask_and_lengths,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq), 0, *mask_strides,
+        H, H // HKV, L, S, max(S, 1), *buckets, *semantics, **meta, **(fixed or {}))
     return dq, dk, dv
 
 
-_backward, _setup_context = recompute_autograd(lambda: torch.ops.effattn.triton_bwd)
-triton_fwd.register_autograd(_backward, setup_context=_setup_context)
-_no_backward, _no_context = not_differentiable_autograd()
-triton_bwd.register_autograd(_no_backward, setup_context=_no_context)
-_call_fwd = EagerCaller(torch.ops.effattn.triton_fwd.default, _backward, _setup_context)
-
-
-def fwd(spec, fp32_ieee: bool) -> Tuple[Tensor, Tensor]:
-    """Runs effattn::triton_fwd (differentiable) on a normalised AttentionSpec."""
-    left, right = spec.window
-    if spec.is_causal:  # top-left aligned, as SDPA's
-        right = 0 if right < 0 else min(right, 0)
-    return _call_fwd(spec.q, spec.k, spec.v, spec.mask, spec.key_lengths, spec.query_lengths, spec.scale,
-                     left, right, fp32_ieee)
+#: The Triton ops, wired by the shared op layer (autograd, eager caller) as the C++ ops are.
+TRITON = OpFamily(torch.ops.effattn.triton_fwd.default, torch.ops.effattn.triton_bwd.default)

@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton forward and backward kernels.
+"""Pieces shared by the Triton forward and backward kernels: one rule each.
 
 Every kernel walks one block of rows (queries, or keys in the dK/dV kernel)
 against a range of blocks of the other side. Which (query i, key j) pairs are
@@ -7,11 +7,15 @@ visible is the spec's rule (effattn/spec.py):
     i < query_len  and  j < key_len  and  i - window_left <= j <= i + window_right
     and the dense mask allows it,
 
-with causal folded into window_right by the host (top-left aligned) and an
-unbounded side passed as UNBOUNDED (ops._window), so no flag is needed. ``block_ranges`` splits the blocks that may hold a
-visible pair into the ones where *every* pair is visible by the structure
-(lengths and window) and the edges, so the inner loop masks only the edges.
-Scores are kept in base 2 (scaled by log2(e)), so exp is exp2.
+with the spec's band as the window (causal folded in; a side may be negative)
+and an unbounded side passed as UNBOUNDED (ops._window), so no flag is
+needed. ``block_ranges`` splits the blocks that may hold a visible pair into
+the ones where *every* pair is visible by the structure (lengths and window)
+and the edges; each kernel walks the three runs with one loop over a
+constexpr stage (``stage_range``), masking only in the edge stages.
+``masked_scores`` is the one score rule (masks, bounds), ``masked_probabilities``
+its backward twin (P recomputed from the LSE) and ``score_grad`` dS. Scores are kept in base 2 (scaled by
+log2(e)), so exp is exp2.
 """
 import triton
 import triton.language as tl
@@ -29,6 +33,12 @@ def mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def head_ptr(base, b, h, stride_b, stride_h):
+    """The (batch b, head h) slice of a (B, H, rows, dim) tensor, in 64-bit offsets."""
+    return base + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
 
 
 @triton.jit
@@ -62,9 +72,93 @@ def block_ranges(row_first, row_last, lo, hi, near, far, col_len, BLOCK: tl.cons
 
 
 @triton.jit
+def stage_range(STAGE: tl.constexpr, lo, a, c, hi):
+    """The blocks of one stage of a walk: 0 the near edge [lo, a) and 2 the far edge
+    [c, hi), both masked by the structure; 1 the interior [a, c), which is not."""
+    if STAGE == 0:
+        return lo, a
+    elif STAGE == 1:
+        return a, c
+    else:
+        return c, hi
+
+
+@triton.jit
 def structure_visible(rows, cols, row_len, col_len, near, far):
     """Bool tile: rows (queries) and cols (keys) broadcast against each other."""
     return (rows < row_len) & (cols < col_len) & (cols >= rows - near) & (cols <= rows + far)
+
+
+@triton.jit
+def pair_index(offs_q, offs_k, KEYS_BY_QUERIES: tl.constexpr):
+    """Broadcast (queries, keys) index tiles of a score tile: queries x keys (the forward, dQ),
+    or keys x queries (KEYS_BY_QUERIES: the dK/dV kernel's transposed tiles). Built where each
+    use needs them (so the kernels keep the op order ptxas was measured with)."""
+    if KEYS_BY_QUERIES:
+        return offs_q[None, :], offs_k[:, None]
+    else:
+        return offs_q[:, None], offs_k[None, :]
+
+
+@triton.jit
+def visible(offs_q, offs_k, mask_base, stride_mm, stride_mn, L, S, query_len, key_len, window_left, window_right,
+            STRUCTURE_MASK: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_BY_QUERIES: tl.constexpr):
+    """Bool tile: the pairs neither the bool mask nor (STRUCTURE_MASK) the band and lengths
+    hide. For calls with MASK_KIND == 1 or STRUCTURE_MASK only."""
+    if MASK_KIND == 1:
+        queries, keys = pair_index(offs_q, offs_k, KEYS_BY_QUERIES)
+        keep = load_mask(mask_base, queries, keys, stride_mm, stride_mn, L, S, MASK_KIND)
+        if STRUCTURE_MASK:
+            queries, keys = pair_index(offs_q, offs_k, KEYS_BY_QUERIES)
+            keep = keep & structure_visible(queries, keys, query_len, key_len, window_left, window_right)
+    else:
+        queries, keys = pair_index(offs_q, offs_k, KEYS_BY_QUERIES)
+        keep = structure_visible(queries, keys, query_len, key_len, window_left, window_right)
+    return keep
+
+
+@triton.jit
+def masked_scores(s, offs_q, offs_k, mask_base, stride_mm, stride_mn, L, S, query_len, key_len,
+                  window_left, window_right, STRUCTURE_MASK: tl.constexpr, MASK_KIND: tl.constexpr):
+    """The one score rule (the forward's): a tile of base-2 scores (scale * log2 e already
+    applied), queries x keys, plus the float mask, and -inf wherever the bool mask or
+    (STRUCTURE_MASK) the band and lengths hide the pair. ``offs_q``, ``offs_k``: the tile's
+    query and key indices."""
+    if MASK_KIND == 2:
+        queries, keys = pair_index(offs_q, offs_k, False)
+        s += load_mask(mask_base, queries, keys, stride_mm, stride_mn, L, S, MASK_KIND)
+    if MASK_KIND == 1 or STRUCTURE_MASK:
+        s = tl.where(visible(offs_q, offs_k, mask_base, stride_mm, stride_mn, L, S, query_len, key_len, window_left,
+                             window_right, STRUCTURE_MASK, MASK_KIND, False), s, float("-inf"))
+    return s
+
+
+@triton.jit
+def masked_probabilities(s, lse2, offs_q, offs_k, mask_base, stride_mm, stride_mn, L, S, query_len, key_len,
+                         window_left, window_right, STRUCTURE_MASK: tl.constexpr, MASK_KIND: tl.constexpr,
+                         KEYS_BY_QUERIES: tl.constexpr):
+    """The backward twin of masked_scores: the probabilities P = exp2(s + mask - lse2)
+    recomputed from the saved base-2 LSE (lse2: one per query, +inf for a row that saw no
+    key, so P = 0 there), 0 wherever masked_scores put -inf; queries x keys, or keys x
+    queries (KEYS_BY_QUERIES, the dK/dV kernel)."""
+    if MASK_KIND == 2:
+        queries, keys = pair_index(offs_q, offs_k, KEYS_BY_QUERIES)
+        s += load_mask(mask_base, queries, keys, stride_mm, stride_mn, L, S, MASK_KIND)
+    if KEYS_BY_QUERIES:
+        p = tl.math.exp2(s - lse2[None, :])
+    else:
+        p = tl.math.exp2(s - lse2[:, None])
+    if MASK_KIND == 1 or STRUCTURE_MASK:
+        p = tl.where(visible(offs_q, offs_k, mask_base, stride_mm, stride_mn, L, S, query_len, key_len, window_left,
+                             window_right, STRUCTURE_MASK, MASK_KIND, KEYS_BY_QUERIES), p, 0.0)
+    return p
+
+
+@triton.jit
+def score_grad(p, dp, delta):
+    """The backward twin of the softmax over masked_scores: dS = P * (dP - delta),
+    delta = rowsum(dO * O) - dLSE broadcast along the keys (0 where P is)."""
+    return p * (dp - delta)
 
 
 @triton.jit
@@ -95,6 +189,44 @@ def sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S,
     if HAS_QUERY_LENGTHS:
         query_len = clamp_length(QUERY_LENGTHS, b, L)
     return query_len, key_len
+
+
+@triton.jit
+def query_block(H, GROUP, BLOCK_M: tl.constexpr):
+    """The prologue of the kernels that walk key blocks for one block of queries (the
+    forward, dQ): grid (query block, batch * head, key split). Returns the batch b, head h,
+    kv head hk, bh = b * H + h, the split and the block's first row m0. The kernel reads
+    the sequence lengths itself, next (sequence_lengths): torch.compile's mutation analysis
+    traces a store's address back through every argument of a helper call whose results
+    form it, so a helper that both reads the lengths and returns the batch index would
+    mark the lengths as written (and make inductor clone them). (The key blocks come
+    after the kernel's base pointers, query_block_key_ranges: that order is what ptxas
+    was measured with.)"""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    return b, h, hk, bh, split, pid_m * BLOCK_M
+
+
+@triton.jit
+def row_block(H, BLOCK_M: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr):
+    """The prologue of the per-row kernels (grid: row block, batch * head): (b, h, bh, the
+    block's rows, the value head dim's index vector)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    return bh // H, bh % H, bh, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM_V_PAD)
+
+
+@triton.jit
+def tile_offsets(m0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 HEAD_DIM_V_PAD: tl.constexpr):
+    """The index vectors of a query block's tiles: its rows, a key block's columns (from 0),
+    the head dim's and the value head dim's."""
+    return (m0 + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM_PAD),
+            tl.arange(0, HEAD_DIM_V_PAD))
 
 
 @triton.jit

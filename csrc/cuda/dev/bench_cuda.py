@@ -9,7 +9,6 @@ before timing.
     python3 csrc/cuda/dev/bench_cuda.py --json out.json --md out.md
 """
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -40,22 +39,12 @@ IMPLS = {"effattn-cuda": effattn_fwd,
          "effattn-cuda-sm90": effattn_fwd,
          "sdpa-flash": sdpa_with(SDPBackend.FLASH_ATTENTION),
          "sdpa-cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION)}
-# Environment set while an impl runs, forward and backward (the C++ launchers read it per call).
-ENVS = {"effattn-cuda-sm90": {"EFFATTN_CUDA_SM90": "require", "EFFATTN_CUDA_SM90_BWD": "require"}}
+# effattn.config options set while an impl runs, forward and backward (the variant the ops get).
+ENVS = {"effattn-cuda-sm90": {"cuda_sm90": "require", "cuda_sm90_bwd": "require"}}
 
 
-@contextlib.contextmanager
 def environment(values):
-    prior = {n: os.environ.get(n) for n in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for n, v in prior.items():
-            if v is None:
-                del os.environ[n]
-            else:
-                os.environ[n] = v
+    return effattn.config.override(**values)
 
 
 def main():

@@ -2,9 +2,8 @@
 gradients against the float64 reference math (on the GPU), per config; with
 --small, a few tiny calls only (for compute-sanitizer). EFFATTN_CUDA_BWD_TILES=small
 runs the backward's 99 KB tiles on a GPU that would pick the large ones; --sm90
-requires the Hopper kernels (EFFATTN_CUDA_SM90{,_BWD}=require) and drops the
+requires the Hopper kernels (effattn.config.cuda_sm90{,_bwd} = "require"; a build with EFFATTN_UNVERIFIED=1) and drops the
 configs they can't serve."""
-import os
 import sys
 
 import torch
@@ -73,7 +72,7 @@ if __name__ == "__main__":
         cfgs.append(dict(B=1, H=1, L=40, S=50, E=256))  # column-split backward
         cfgs.append(dict(B=1, H=2, L=40, S=70, E=192, causal=True))
     if "--sm90" in sys.argv:  # the Hopper kernels, required (an error where they can't run)
-        os.environ["EFFATTN_CUDA_SM90"] = os.environ["EFFATTN_CUDA_SM90_BWD"] = "require"
+        effattn.config.cuda_sm90 = effattn.config.cuda_sm90_bwd = "require"
         cfgs = [c for c in cfgs if c.get("layout") != "strided"]  # TMA can't describe those rows
         cfgs.append(dict(B=1, H=2, L=130, S=400, E=128))  # forward: 4 key blocks (the ring wraps); backward: 3 query steps
     for c in cfgs:

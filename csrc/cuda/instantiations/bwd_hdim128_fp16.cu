@@ -5,8 +5,9 @@ namespace effattn {
 namespace cuda {
 
 template <>
-cudaError_t run_bwd_<__half, 128>(const BwdParams& p, bool aligned, cudaStream_t stream) {
-  return launch_bwd_for_device<BwdConfig<__half, 128>>(p, aligned, stream);
+cudaError_t run_bwd_<__half, 128>(const BwdParams& p, bool aligned, int64_t variant,
+                                          cudaStream_t stream) {
+  return launch_bwd_for_device<BwdConfig<__half, 128>>(p, aligned, variant, stream);
 }
 
 }  // namespace cuda

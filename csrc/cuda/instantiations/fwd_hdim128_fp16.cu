@@ -5,8 +5,9 @@ namespace effattn {
 namespace cuda {
 
 template <>
-cudaError_t run_fwd_<__half, 128>(const FwdParams& p, bool aligned, cudaStream_t stream) {
-  return launch_fwd_for_device<FwdConfig<__half, 128>>(p, aligned, stream);
+cudaError_t run_fwd_<__half, 128>(const FwdParams& p, bool aligned, int64_t variant,
+                                          cudaStream_t stream) {
+  return launch_fwd_for_device<FwdConfig<__half, 128>>(p, aligned, variant, stream);
 }
 
 }  // namespace cuda
