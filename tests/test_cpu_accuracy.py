@@ -47,7 +47,7 @@ def test_float32_within_1_5x_of_sdpa(baselines, isa, monkeypatch):
     runs, reason = cpu_isa_runs_here(isa)
     if not runs:
         pytest.skip(f"{isa}: {reason}")
-    monkeypatch.setenv("EFFATTN_CPU_ISA", isa)
+    monkeypatch.setattr(effattn.config, "cpu_isa", isa)
     refs, sdpa = baselines
     eff = [sweep.row_errors(sweep.run_effattn(cfg, SEED + n), ref)
            for n, (cfg, ref) in enumerate(zip(CONFIGS, refs))]
@@ -70,7 +70,7 @@ def test_one_visible_key_is_exact(isa, dtype, E, monkeypatch):
     runs, reason = cpu_isa_runs_here(isa)
     if not runs:
         pytest.skip(f"{isa}: {reason}")
-    monkeypatch.setenv("EFFATTN_CPU_ISA", isa)
+    monkeypatch.setattr(effattn.config, "cpu_isa", isa)
     g = torch.Generator().manual_seed(E)
     q, k, v = (torch.randn(2, 3, 150, E, generator=g).to(dtype).requires_grad_() for _ in range(3))
     out = effattn.attention(q, k, v, window=(0, 0), backend="cpu")

@@ -289,7 +289,7 @@ def main(argv=None):
         eff_b, _, per_config_b = sweep(configs, args.seed, effattn_outputs=outs, log=log)
         before = compare(configs, eff_b, sdpa)
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                cpu=cpu_model(), isa=["baseline", "avx2", "avx512", "avx2_wide"][torch.ops.effattn.cpu_isa()],
+                cpu=cpu_model(), isa=effattn.backends.BY_NAME["cpu"].isa()[0],
                 threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
                 effattn_commit=git(ROOT, "rev-parse", "--short", "HEAD") + (" (modified)" if git(ROOT, "status", "--porcelain", "--untracked-files=no") else ""),
                 command=" ".join(["python3", "bench/dev/cpu_accuracy_sweep.py"] + list(argv if argv is not None else sys.argv[1:])),

@@ -61,6 +61,10 @@ void compute_delta(const BwdParams& p) {
 template <typename scalar_t, typename acc_t>
 struct BwdTile {
   const BwdParams& p;
+  // The tiles' capacities: kBwdBlockM query rows and kBwdBlockN keys (the leading dim of
+  // K^T, V^T, P and dS), or fewer when the call has fewer (keys padded to whole vectors),
+  // so a short call does not allocate and zero the full tiles. Results do not depend on it.
+  const int64_t bm, bn;
   const int64_t E, Ev, Ep, Evp;
   const acc_t scale2;  // scale * log2(e), as the forward rounds it
   // dK and dV of a key tile are summed in three levels (accuracy, gemm.h):
@@ -75,26 +79,28 @@ struct BwdTile {
 
   explicit BwdTile(const BwdParams& params)
       : p(params),
+        bm(std::min(kBwdBlockM, params.seqlen_q)),
+        bn(std::min(kBwdBlockN, padded(params.seqlen_k))),
         E(params.head_dim),
         Ev(params.head_dim_v),
         Ep(padded(params.head_dim)),
         Evp(padded(params.head_dim_v)),
         scale2(static_cast<acc_t>(params.scale * kLog2e)),
-        k(kBwdBlockN * Ep),
-        kt(E * kBwdBlockN),
-        vt(Ev * kBwdBlockN),
-        dk(kBwdBlockN * Ep),
-        dv(kBwdBlockN * Evp),
-        dk_part(kBwdBlockN * Ep),
-        dv_part(kBwdBlockN * Evp),
-        q(kBwdBlockM * Ep),
-        qs(kBwdBlockM * Ep),
-        dO(kBwdBlockM * Evp),
-        s(kBwdBlockM * kBwdBlockN),
-        dp(kBwdBlockM * kBwdBlockN),
-        bias(params.mask_kind == MaskKind::kNone ? 0 : kBwdBlockM * kBwdBlockN),
-        lse(kBwdBlockM),
-        delta(kBwdBlockM),
+        k(bn * Ep),
+        kt(E * bn),
+        vt(Ev * bn),
+        dk(bn * Ep),
+        dv(bn * Evp),
+        dk_part(bn * Ep),
+        dv_part(bn * Evp),
+        q(bm * Ep),
+        qs(bm * Ep),
+        dO(bm * Evp),
+        s(bm * bn),
+        dp(bm * bn),
+        bias(params.mask_kind == MaskKind::kNone ? 0 : bm * bn),
+        lse(bm),
+        delta(bm),
         row_buf(8 * std::max(params.head_dim, params.head_dim_v)) {}
 
   void run(int64_t b, int64_t hk, int64_t split) {
@@ -113,14 +119,14 @@ struct BwdTile {
       const int64_t cols = std::min(kBwdBlockN, p.seqlen_k - j0);
       // keys at or past the key length have zero gradient
       const int64_t N = std::max<int64_t>(0, std::min(cols, rb.key_len - j0));
-      std::memset(static_cast<void*>(dk.data()), 0, sizeof(acc_t) * kBwdBlockN * Ep);
-      std::memset(static_cast<void*>(dv.data()), 0, sizeof(acc_t) * kBwdBlockN * Evp);
+      std::memset(static_cast<void*>(dk.data()), 0, sizeof(acc_t) * bn * Ep);
+      std::memset(static_cast<void*>(dv.data()), 0, sizeof(acc_t) * bn * Evp);
       if (N > 0) {
         load_tile(K + j0 * p.k_strides.row, p.k_strides.row, N, E, k.data(), Ep);
         load_tile_transposed(K + j0 * p.k_strides.row, p.k_strides.row, N, E, kt.data(),
-                             kBwdBlockN, row_buf.data());
+                             bn, row_buf.data());
         load_tile_transposed(V + j0 * p.v_strides.row, p.v_strides.row, N, Ev, vt.data(),
-                             kBwdBlockN, row_buf.data());
+                             bn, row_buf.data());
         const int64_t i_begin = rb.first_query(j0);
         const int64_t i_end = rb.last_query_end(j0 + N, qlen);
         int64_t tiles = 0;
@@ -147,13 +153,13 @@ struct BwdTile {
         vstore(part + c, Vec<acc_t>{});
       }
     };
-    flush(dk.data(), dk_part.data(), kBwdBlockN * Ep);
-    flush(dv.data(), dv_part.data(), kBwdBlockN * Evp);
+    flush(dk.data(), dk_part.data(), bn * Ep);
+    flush(dv.data(), dv_part.data(), bn * Evp);
   }
 
   void query_tile(int64_t b, int64_t h, int64_t split, int64_t i0, int64_t M, int64_t j0,
                   int64_t N, const RowBounds& rb) {
-    constexpr int64_t BN = kBwdBlockN;
+    const int64_t BN = bn;  // the tiles' leading dim
     const int64_t Nv = round_up_lanes<acc_t>(N);
     acc_t* bias_tile = nullptr;
     if (p.mask_kind != MaskKind::kNone) {
