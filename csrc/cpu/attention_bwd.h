@@ -18,6 +18,7 @@
 //   where logits are large; lse * log2 e enters as a hi + lo pair.)
 //   dV += P^T dO                         dP = dO V^T
 //   dS = P * (dP - delta)                dK += scale * dS^T Q
+//   (dK, dV summed in three levels for accuracy: BwdTile::kFlushTiles)
 //   dQ_accum[s] += scale * dS K
 // The transposed products (P^T dO, dS^T Q) read P and dS through the GEMM's
 // strided A operand, so nothing is transposed in memory. dK, dV are written
@@ -48,10 +49,9 @@ void compute_delta(const BwdParams& p) {
                       h * p.o_strides.head + i * p.o_strides.row, Ev, o.data());
       convert_row(static_cast<const scalar_t*>(p.dout) + b * p.do_strides.batch +
                       h * p.do_strides.head + i * p.do_strides.row, Ev, d.data());
-      // Summed in the order and rounding of the GEMM entry dP = dO V^T, so that
-      // dP - delta is exactly 0 where out = v (e.g. one visible key).
-      acc_t sum = 0;
-      for (int64_t e = 0; e < Ev; ++e) sum = madd(d[e], o[e], sum);
+      // Summed in the order and rounding of the GEMM entry dP = dO V^T (gemm.h),
+      // so that dP - delta is exactly 0 where out = v (e.g. one visible key).
+      acc_t sum = gemm_dot(Ev, d.data(), o.data());
       if (p.dlse) sum -= static_cast<const acc_t*>(p.dlse)[it];
       static_cast<acc_t*>(p.delta)[it] = sum;
     }
@@ -61,30 +61,46 @@ void compute_delta(const BwdParams& p) {
 template <typename scalar_t, typename acc_t>
 struct BwdTile {
   const BwdParams& p;
+  // The tiles' capacities: kBwdBlockM query rows and kBwdBlockN keys (the leading dim of
+  // K^T, V^T, P and dS), or fewer when the call has fewer (keys padded to whole vectors),
+  // so a short call does not allocate and zero the full tiles. Results do not depend on it.
+  const int64_t bm, bn;
   const int64_t E, Ev, Ep, Evp;
   const acc_t scale2;  // scale * log2(e), as the forward rounds it
-  Scratch<acc_t> k, kt, vt, dk, dv, q, qs, dO, s, dp, bias, lse, delta, row_buf;
+  // dK and dV of a key tile are summed in three levels (accuracy, gemm.h):
+  // each GEMM call's chains, the calls of up to kFlushTiles query tiles in
+  // dk_part / dv_part, and those partial sums in dk / dv. A key tile may see
+  // group_size x Lq / kBwdBlockM query tiles (256 for 8 heads of 2048
+  // queries): added to one running dK, those made early keys' gradients
+  // 2x less accurate than PyTorch's CPU attention. 4 tiles = 256 queries,
+  // the query block of PyTorch's CPU kernel at long sequences.
+  static constexpr int64_t kFlushTiles = 4;
+  Scratch<acc_t> k, kt, vt, dk, dv, dk_part, dv_part, q, qs, dO, s, dp, bias, lse, delta, row_buf;
 
   explicit BwdTile(const BwdParams& params)
       : p(params),
+        bm(std::min(kBwdBlockM, params.seqlen_q)),
+        bn(std::min(kBwdBlockN, padded(params.seqlen_k))),
         E(params.head_dim),
         Ev(params.head_dim_v),
         Ep(padded(params.head_dim)),
         Evp(padded(params.head_dim_v)),
         scale2(static_cast<acc_t>(params.scale * kLog2e)),
-        k(kBwdBlockN * Ep),
-        kt(E * kBwdBlockN),
-        vt(Ev * kBwdBlockN),
-        dk(kBwdBlockN * Ep),
-        dv(kBwdBlockN * Evp),
-        q(kBwdBlockM * Ep),
-        qs(kBwdBlockM * Ep),
-        dO(kBwdBlockM * Evp),
-        s(kBwdBlockM * kBwdBlockN),
-        dp(kBwdBlockM * kBwdBlockN),
-        bias(params.mask_kind == MaskKind::kNone ? 0 : kBwdBlockM * kBwdBlockN),
-        lse(kBwdBlockM),
-        delta(kBwdBlockM),
+        k(bn * Ep),
+        kt(E * bn),
+        vt(Ev * bn),
+        dk(bn * Ep),
+        dv(bn * Evp),
+        dk_part(bn * Ep),
+        dv_part(bn * Evp),
+        q(bm * Ep),
+        qs(bm * Ep),
+        dO(bm * Evp),
+        s(bm * bn),
+        dp(bm * bn),
+        bias(params.mask_kind == MaskKind::kNone ? 0 : bm * bn),
+        lse(bm),
+        delta(bm),
         row_buf(8 * std::max(params.head_dim, params.head_dim_v)) {}
 
   void run(int64_t b, int64_t hk, int64_t split) {
@@ -103,30 +119,47 @@ struct BwdTile {
       const int64_t cols = std::min(kBwdBlockN, p.seqlen_k - j0);
       // keys at or past the key length have zero gradient
       const int64_t N = std::max<int64_t>(0, std::min(cols, rb.key_len - j0));
-      std::memset(static_cast<void*>(dk.data()), 0, sizeof(acc_t) * kBwdBlockN * Ep);
-      std::memset(static_cast<void*>(dv.data()), 0, sizeof(acc_t) * kBwdBlockN * Evp);
+      std::memset(static_cast<void*>(dk.data()), 0, sizeof(acc_t) * bn * Ep);
+      std::memset(static_cast<void*>(dv.data()), 0, sizeof(acc_t) * bn * Evp);
       if (N > 0) {
         load_tile(K + j0 * p.k_strides.row, p.k_strides.row, N, E, k.data(), Ep);
         load_tile_transposed(K + j0 * p.k_strides.row, p.k_strides.row, N, E, kt.data(),
-                             kBwdBlockN, row_buf.data());
+                             bn, row_buf.data());
         load_tile_transposed(V + j0 * p.v_strides.row, p.v_strides.row, N, Ev, vt.data(),
-                             kBwdBlockN, row_buf.data());
+                             bn, row_buf.data());
         const int64_t i_begin = rb.first_query(j0);
         const int64_t i_end = rb.last_query_end(j0 + N, qlen);
+        int64_t tiles = 0;
         for (int64_t g = 0; g < p.group_size(); ++g) {
           const int64_t h = hk * p.group_size() + g;
-          for (int64_t i0 = i_begin; i0 < i_end; i0 += kBwdBlockM)
+          for (int64_t i0 = i_begin; i0 < i_end; i0 += kBwdBlockM) {
+            if (tiles++ % kFlushTiles == 0) flush_parts(tiles > 1);
             query_tile(b, h, split, i0, std::min(kBwdBlockM, i_end - i0), j0, N, rb);
+          }
         }
+        if (tiles > 0) flush_parts(true);
       }
       store_tile(dk.data(), Ep, cols, E, scale, dK + j0 * p.dk_strides.row, p.dk_strides.row);
       store_tile(dv.data(), Evp, cols, Ev, acc_t(1), dV + j0 * p.dv_strides.row, p.dv_strides.row);
     }
   }
 
+  // dk += dk_part, dv += dv_part (when add), the parts zeroed in the same pass.
+  void flush_parts(bool add) {
+    constexpr int64_t W = kLanes<acc_t>;
+    const auto flush = [add](acc_t* sum, acc_t* part, int64_t n) {
+      for (int64_t c = 0; c < n; c += W) {
+        if (add) vstore(sum + c, vload(sum + c) + vload(part + c));
+        vstore(part + c, Vec<acc_t>{});
+      }
+    };
+    flush(dk.data(), dk_part.data(), bn * Ep);
+    flush(dv.data(), dv_part.data(), bn * Evp);
+  }
+
   void query_tile(int64_t b, int64_t h, int64_t split, int64_t i0, int64_t M, int64_t j0,
                   int64_t N, const RowBounds& rb) {
-    constexpr int64_t BN = kBwdBlockN;
+    const int64_t BN = bn;  // the tiles' leading dim
     const int64_t Nv = round_up_lanes<acc_t>(N);
     acc_t* bias_tile = nullptr;
     if (p.mask_kind != MaskKind::kNone) {
@@ -176,7 +209,7 @@ struct BwdTile {
     }
     // dV += P^T dO
     gemm<acc_t, true>(N, round_up_lanes<acc_t>(Ev), M, s.data(), 1, BN, dO.data(), Evp,
-                      dv.data(), Evp);
+                      dv_part.data(), Evp);
     // dP = dO V^T, then dS = P * (dP - delta) in place
     gemm<acc_t, false>(M, Nv, Ev, dO.data(), Evp, 1, vt.data(), BN, dp.data(), BN);
     for (int64_t r = 0; r < M; ++r) {
@@ -187,7 +220,7 @@ struct BwdTile {
     }
     // dK += dS^T Q   (scaled once when written)
     const int64_t Ecols = round_up_lanes<acc_t>(E);
-    gemm<acc_t, true>(N, Ecols, M, dp.data(), 1, BN, q.data(), Ep, dk.data(), Ep);
+    gemm<acc_t, true>(N, Ecols, M, dp.data(), 1, BN, q.data(), Ep, dk_part.data(), Ep);
     // dQ_accum += dS K   (scale applied in pass 3)
     acc_t* dq = static_cast<acc_t*>(p.dq_accum) +
                 (split * p.batch * p.heads_q * p.seqlen_q + row0) * Ep;

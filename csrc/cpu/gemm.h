@@ -21,34 +21,78 @@
 // Everything is inline and templated on the accumulator type T (float, or
 // double for float64 inputs).
 
-constexpr int kMR = 6;  // rows of C per micro-tile
-constexpr int kNV = 2;  // vectors of C per row per micro-tile
+// Summation order (accuracy; issues 28, 29, bench/dev/cpu_accuracy_sweep.py).
+// A float32 chain of n FMAs errs by about sqrt(n) roundings of its running
+// sum (n in the worst case), so no C entry is one long chain:
+// - Accumulate (C += A B: the output over key tiles, dK and dV over query
+//   tiles, dQ over key tiles) sums the call's K terms (one tile, 64-128)
+//   from zero in registers and adds them to C once, like BLAS's beta = 1,
+//   so a C built over many calls is a two-level sum. Continuing one chain
+//   from C across 1,500 terms (6 heads x 255 queries of one key head) made
+//   dK and dV 5-7x less accurate than PyTorch's CPU attention.
+// - Otherwise (the scores S = Q K^T and dP = dO V^T, K = the head dim, up
+//   to 256) the K terms are summed in chains of kKC, each added to the sum
+//   of the previous ones: the scores' error is what the output, the LSE and
+//   every gradient inherit, and one 64-term chain put single rows at 5-9x
+//   SDPA's error (MKL's sgemm sums K <= 192 in one chain too; it splits 256).
+// The Accumulate form costs nothing (C is loaded once either way); the score
+// chains cost one load, add and store per C vector every kKC k steps
+// (measured in bench/README.md, "CPU float32 accuracy").
+constexpr int kMR = 6;       // rows of C per micro-tile
+constexpr int kNV = 2;       // vectors of C per row per micro-tile
+constexpr int64_t kKC = 32;  // k steps per chain of a non-accumulating call (above)
 
 template <typename T, int MR, int NV, bool Accumulate>
 inline void gemm_micro(int64_t K, const T* __restrict A, int64_t a_rs, int64_t a_ks,
                        const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc) {
   constexpr int64_t W = kLanes<T>;
-  Vec<T> acc[MR][NV];
+  int64_t k0 = 0;
+  do {  // at least once: K = 0 still stores C = 0 (or leaves C + 0)
+    const int64_t k1 = Accumulate ? K : std::min(K, k0 + kKC);
+    Vec<T> acc[MR][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
+    for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = Accumulate ? vload(C + r * ldc + v * W) : Vec<T>{};
-  for (int64_t k = 0; k < K; ++k) {
-    Vec<T> b[NV];
+      for (int v = 0; v < NV; ++v) acc[r][v] = Vec<T>{};
+    for (int64_t k = k0; k < k1; ++k) {
+      Vec<T> b[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * W);
-    const T* a = A + k * a_ks;
+      for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * W);
+      const T* a = A + k * a_ks;
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const Vec<T> ar = vbroadcast(a[r * a_rs]);
+      for (int r = 0; r < MR; ++r) {
+        const Vec<T> ar = vbroadcast(a[r * a_rs]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = ar * b[v] + acc[r][v];
+        for (int v = 0; v < NV; ++v) acc[r][v] = ar * b[v] + acc[r][v];
+      }
     }
-  }
+    const bool add = Accumulate || k0 > 0;
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
+    for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * W, acc[r][v]);
+      for (int v = 0; v < NV; ++v) {
+        T* c = C + r * ldc + v * W;
+        vstore(c, add ? vload(c) + acc[r][v] : acc[r][v]);
+      }
+    k0 = k1;
+  } while (k0 < K);
+}
+
+// One C entry of a non-accumulating gemm, sum_k a[k] * b[k], as a scalar in
+// the micro-kernel's order and rounding (chains of kKC, madd: simd.h), so
+// that a scalar dot product reproduces a GEMM entry bit for bit.
+template <typename T>
+inline T gemm_dot(int64_t K, const T* a, const T* b) {
+  T sum = 0;
+  int64_t k0 = 0;
+  do {
+    const int64_t k1 = std::min(K, k0 + kKC);
+    T part = 0;
+    for (int64_t k = k0; k < k1; ++k) part = madd(a[k], b[k], part);
+    sum = k0 > 0 ? sum + part : part;
+    k0 = k1;
+  } while (k0 < K);
+  return sum;
 }
 
 // All rows of one column panel of NV vectors: full kMR blocks, then the rest.
