@@ -202,8 +202,9 @@ def bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
     MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    b, h, hk, bh, split, m0 = query_block(H, GROUP, BLOCK_M)
+    b, h, hk, bh, split, pid_m = query_block(H, GROUP)
     query_len, key_len = sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S, HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
+    m0 = pid_m * BLOCK_M
     offs_m, offs_n0, offs_d, offs_dv = tile_offsets(m0, BLOCK_M, BLOCK_N, HEAD_DIM_PAD, HEAD_DIM_V_PAD)
     row_ok = offs_m < L
 

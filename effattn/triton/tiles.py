@@ -192,11 +192,13 @@ def sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S,
 
 
 @triton.jit
-def query_block(H, GROUP, BLOCK_M: tl.constexpr):
+def query_block(H, GROUP):
     """The prologue of the kernels that walk key blocks for one block of queries (the
     forward, dQ): grid (query block, batch * head, key split). Returns the batch b, head h,
-    kv head hk, bh = b * H + h, the split and the block's first row m0. The kernel reads
-    the sequence lengths itself, next (sequence_lengths): torch.compile's mutation analysis
+    kv head hk, bh = b * H + h, the split and the query block's index. The kernel reads
+    the sequence lengths itself, next (sequence_lengths), then forms the block's first row
+    (that order is the one ptxas was measured with: Triton 3.6 spills 8 B more in a dQ
+    config when the row is formed first). torch.compile's mutation analysis
     traces a store's address back through every argument of a helper call whose results
     form it, so a helper that both reads the lengths and returns the batch index would
     mark the lengths as written (and make inductor clone them). (The key blocks come
@@ -208,7 +210,7 @@ def query_block(H, GROUP, BLOCK_M: tl.constexpr):
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    return b, h, hk, bh, split, pid_m * BLOCK_M
+    return b, h, hk, bh, split, pid_m
 
 
 @triton.jit
