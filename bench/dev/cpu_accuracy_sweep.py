@@ -228,17 +228,6 @@ def git(root, *args):
         return "unknown"
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def markdown(res, before, meta):
     lines = [f"# CPU float32 accuracy against float64: effattn vs SDPA's CPU kernel", "",
              f"{meta['date']}, {meta['cpu']} ({meta['isa']} variant, {meta['threads']} threads), torch "
@@ -278,6 +267,8 @@ def main(argv=None):
         return None
     sys.path.insert(0, ROOT)
     import effattn
+    sys.path.insert(0, os.path.dirname(HERE))
+    from common import cpu_model  # (after effattn: common puts this checkout first on sys.path)
     log = lambda m: print(m, flush=True)  # noqa: E731
     log(f"effattn from {effattn.__file__}")
     t0 = time.time()

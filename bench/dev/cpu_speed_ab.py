@@ -21,12 +21,12 @@ SHAPES = [(8, 8, 800, 64, False), (8, 8, 800, 64, True), (1, 8, 4096, 64, False)
 
 
 def child(iters, modes):
-    import time
-
     import torch
     import torch.nn.functional as F
 
-    import effattn
+    import effattn  # first: the checkout on PYTHONPATH (common puts this script's checkout on sys.path)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from common import medians_ms
     rows = {}
     for B, H, L, E, causal in SHAPES:
         g = torch.Generator().manual_seed(0)
@@ -49,15 +49,7 @@ def child(iters, modes):
 
         fns = {name: fn for name, fn in dict(eff_fwd=eff_fwd, sdpa_fwd=sdpa_fwd, eff_fb=eff_fb, sdpa_fb=sdpa_fb).items()
                if name.split("_")[1] in modes}
-        for fn in fns.values():
-            fn()
-        times = {name: [] for name in fns}
-        for _ in range(iters):
-            for name, fn in fns.items():
-                t = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - t) * 1e3)
-        rows[f"{B},{H},{L},{E}{' causal' if causal else ''}"] = {n: statistics.median(t) for n, t in times.items()}
+        rows[f"{B},{H},{L},{E}{' causal' if causal else ''}"] = medians_ms(fns, iters)
     print(json.dumps(dict(effattn=effattn.__file__, rows=rows)))
 
 
