@@ -19,6 +19,13 @@ STABLE_TORCH_LIBRARY(effattn, m) {
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_lengths, "
       "Tensor? query_lengths, float scale, int? window_left, int? window_right, "
       "int variant) -> (Tensor out, Tensor lse)");
+  // fwd and the attention statistics of each query row (effattn.diagnostics.attention_stats):
+  // stats (2, batch, heads_q, seq_q) in lse's dtype, [0] the entropy of the row's attention
+  // weights (nats), [1] its largest weight; 0 and 0 for a row that sees no key. CPU only.
+  m.def(
+      "fwd_stats(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_lengths, "
+      "Tensor? query_lengths, float scale, int? window_left, int? window_right, "
+      "int variant) -> (Tensor out, Tensor lse, Tensor stats)");
   m.def(
       "bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor lse, Tensor? mask, Tensor? key_lengths, "

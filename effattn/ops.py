@@ -11,6 +11,12 @@ Every family takes the same arguments with the same meaning::
     bwd(grad_out, grad_lse, q, k, v, out, lse, mask, key_lengths, query_lengths, scale,
         window_left, window_right, variant) -> (grad_q, grad_k, grad_v)
 
+and, for the backends that declare the STATS feature, the forward with the attention
+statistics of every query row (effattn.diagnostics.attention_stats)::
+
+    fwd_stats(<fwd's arguments>) -> (out, lse, stats)   # stats (2, B, Hq, L): entropy, max weight
+
+whose out and lse have fwd's autograd (stats have no gradient),
 in the canonical layout of effattn/spec.py; the window sides are the spec's
 band (causal already folded in; None for an unbounded side, any int
 otherwise) and ``variant`` is the kernel variant the backend chose (its
@@ -28,6 +34,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+
+from .spec import STATS
 
 try:
     from . import _C  # noqa: F401  (loads the library: registers the ops)
@@ -85,25 +93,33 @@ class OpFamily:
       registered autograd.
     """
 
-    def __init__(self, fwd_op, bwd_op):
-        self.fwd_op, self.bwd_op = fwd_op, bwd_op
-        # The bound C++ callables behind the OpOverloads (what their __call__ calls), for the
-        # eager calls below autograd: one Python frame less per call.
-        self._fwd_raw = fwd_raw = fwd_op._op
+    def __init__(self, fwd_op, bwd_op, stats_op=None):
+        self.fwd_op, self.bwd_op, self.stats_op = fwd_op, bwd_op, stats_op
         torch.library.register_autograd(fwd_op._schema.name, self._backward, setup_context=self._setup_context)
         torch.library.register_autograd(bwd_op._schema.name, self._double_backward, setup_context=self._no_context)
+        # The bound C++ callables behind the OpOverloads (what their __call__ calls), for the
+        # eager calls below autograd: one Python frame less per call.
+        self._fwd_raw = fwd_op._op
+        self._function = self._eager_function(self._fwd_raw)
+        if stats_op is not None:  # the forward with the stats output: the same backward
+            torch.library.register_autograd(stats_op._schema.name, self._backward, setup_context=self._setup_context)
+            self._stats_raw = stats_op._op
+            self._stats_function = self._eager_function(self._stats_raw)
+
+    def _eager_function(self, raw):
+        """The plain autograd.Function around a forward's raw callable (see the class docstring)."""
         family = self
 
         class Function(torch.autograd.Function):
             @staticmethod
             def forward(ctx, *args):
                 with _below_autograd():
-                    output = fwd_raw(*args)
+                    output = raw(*args)
                 family._setup_context(ctx, args, output)
                 return output
 
             @staticmethod
-            def backward(ctx, grad_out, grad_lse):
+            def backward(ctx, grad_out, grad_lse, *no_grad_stats):
                 if torch.is_grad_enabled():
                     # create_graph=True: the backward op records its own autograd
                     # (_double_backward), so a second backward raises.
@@ -111,18 +127,20 @@ class OpFamily:
                 with _below_autograd():  # the usual case: skip that wrapper's cost too
                     return family._backward(ctx, grad_out, grad_lse)
 
-        self._function = Function
+        return Function
 
     @staticmethod
     def _setup_context(ctx, inputs, output):
-        out, lse = output
+        out, lse = output[:2]
+        if len(output) == 3:  # the stats output: a diagnostic, with no gradient
+            ctx.mark_non_differentiable(output[2])
         # An unused lse gets None as its gradient, not a materialised zero tensor
         # (the backward ops take grad_lse as optional); likewise out.
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*inputs[:3], out, lse, *inputs[3:_TENSOR_ARGS])
         ctx.flags = inputs[_TENSOR_ARGS:]
 
-    def _backward(self, ctx, grad_out, grad_lse):
+    def _backward(self, ctx, grad_out, grad_lse, *no_grad_stats):
         q, k, v, out, lse, mask, key_lengths, query_lengths = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
@@ -141,15 +159,20 @@ class OpFamily:
         raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
     def __call__(self, spec, variant: int):
-        """(out, lse) of the forward op on a normalised AttentionSpec, differentiable."""
+        """(out, lse) of the forward op on a normalised AttentionSpec, differentiable; and
+        stats (not differentiable) when the spec asks for them (its STATS feature)."""
         args = (spec.q, spec.k, spec.v, spec.mask, spec.key_lengths, spec.query_lengths, spec.scale,
                 spec.band[0], spec.band[1], variant)
+        if spec.features & STATS:
+            op, function, raw = self.stats_op, self._stats_function, self._stats_raw
+        else:
+            op, function, raw = self.fwd_op, self._function, self._fwd_raw
         if torch.compiler.is_compiling():
-            return self.fwd_op(*args)
+            return op(*args)
         if torch.is_grad_enabled() and (spec.q.requires_grad or spec.k.requires_grad or spec.v.requires_grad):
-            return self._function.apply(*args)
+            return function.apply(*args)
         with _below_autograd():
-            return self._fwd_raw(*args)
+            return raw(*args)
 
 
 _FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -235,6 +258,11 @@ if LOAD_ERROR is None:
         lse = q.new_empty((B, H, L), dtype=accum_dtype(q.dtype))
         return out, lse
 
+    @torch.library.register_fake("effattn::fwd_stats")
+    def _fwd_stats_fake(q, k, v, mask, key_lengths, query_lengths, scale, window_left, window_right, variant):
+        out, lse = _fwd_fake(q, k, v, mask, key_lengths, query_lengths, scale, window_left, window_right, variant)
+        return out, lse, q.new_empty((2, *lse.shape), dtype=lse.dtype)
+
     @torch.library.register_fake("effattn::bwd")
     def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, mask, key_lengths, query_lengths, scale,
                   window_left, window_right, variant):
@@ -243,5 +271,7 @@ if LOAD_ERROR is None:
         return (empty_in_layout_of(q, q.shape, q.dtype), empty_in_layout_of(k, k.shape, k.dtype),
                 empty_in_layout_of(v, v.shape, v.dtype))
 
-    #: The C++ ops: the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda).
-    CPP = OpFamily(torch.ops.effattn.fwd.default, torch.ops.effattn.bwd.default)
+    #: The C++ ops: the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda); fwd_stats
+    #: has a CPU kernel only (the cuda backend does not declare the stats).
+    CPP = OpFamily(torch.ops.effattn.fwd.default, torch.ops.effattn.bwd.default,
+                   torch.ops.effattn.fwd_stats.default)

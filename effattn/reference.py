@@ -8,11 +8,11 @@ baseline. It allocates (B, H, L, S) tensors: never use it for long sequences.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
-from .spec import AttentionSpec, feature_words, make_spec
+from .spec import STATS, AttentionSpec, feature_words, make_spec
 
 
 def structure_mask(spec: AttentionSpec) -> torch.Tensor:
@@ -34,13 +34,14 @@ def structure_mask(spec: AttentionSpec) -> torch.Tensor:
     return allowed
 
 
-def reference_forward(spec: AttentionSpec, compute_dtype: Optional[torch.dtype] = None
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, Hq, L, Ev), lse (B, Hq, L)).
+def reference_forward(spec: AttentionSpec, compute_dtype: Optional[torch.dtype] = None):
+    """(out (B, Hq, L, Ev), lse (B, Hq, L)), and ``stats`` (2, B, Hq, L) when the spec asks
+    for them (its STATS feature): the entropy (nats) and the largest weight of each row's
+    attention weights, 0 and 0 for a row that sees no key; not differentiable.
 
     compute_dtype: the precision of the math and of ``out`` (default: the input
     dtype, as PyTorch's math attention computes); float64 makes it the oracle.
-    lse is float32, or float64 when inputs or compute_dtype are float64.
+    lse and stats are float32, or float64 when inputs or compute_dtype are float64.
     """
     dt = compute_dtype or spec.dtype
     q, k, v = spec.q.to(dt), spec.k.to(dt), spec.v.to(dt)
@@ -63,10 +64,17 @@ def reference_forward(spec: AttentionSpec, compute_dtype: Optional[torch.dtype] 
     denom = e.sum(dim=-1, keepdim=True)
     empty = denom == 0
     denom_safe = denom.masked_fill(empty, 1.0)
-    out = torch.matmul(e / denom_safe, v)
+    weights = e / denom_safe
+    out = torch.matmul(weights, v)
     lse = (row_max + torch.log(denom_safe)).masked_fill(empty, float("-inf")).squeeze(-1)
     lse_dtype = torch.float64 if spec.dtype == torch.float64 or dt == torch.float64 else torch.float32
-    return out, lse.to(lse_dtype)
+    if not spec.features & STATS:
+        return out, lse.to(lse_dtype)
+    weights = weights.detach()
+    entropy = -torch.special.xlogy(weights, weights).sum(dim=-1)  # 0 log 0 = 0: empty rows give 0
+    peak = weights.amax(dim=-1) if weights.shape[-1] else torch.zeros_like(entropy)  # (no keys at all)
+    stats = torch.stack([entropy, peak]).to(lse_dtype)
+    return out, lse.to(lse_dtype), stats
 
 
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -80,7 +88,7 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     if spec.features & ~ReferenceBackend.features:  # (the one source of what the reference implements)
         raise NotImplementedError("effattn.reference: does not support "
                                   + "; ".join(feature_words(spec.features & ~ReferenceBackend.features)))
-    out, lse = reference_forward(spec, compute_dtype)
+    out, lse = reference_forward(spec, compute_dtype)[:2]
     out = spec.to_caller_shape(out)
     return (out, spec.to_caller_shape(lse)) if return_lse else out
 

@@ -54,6 +54,7 @@ GQA = 1 << 10                # fewer key/value heads than query heads
 VALUE_HEAD_DIM = 1 << 11     # Ev != E
 RETURN_LSE = 1 << 12
 DROPOUT = 1 << 13
+STATS = 1 << 14              # per-row attention statistics (effattn.diagnostics.attention_stats)
 
 # How a refusal words each feature: "does not support <words>".
 FEATURES = {
@@ -71,6 +72,7 @@ FEATURES = {
     VALUE_HEAD_DIM: "a value head dim that differs from the query's",
     RETURN_LSE: "returning the log-sum-exp (return_lse=True)",
     DROPOUT: "dropout (dropout_p > 0)",
+    STATS: "attention statistics (effattn.diagnostics.attention_stats)",
 }
 ALL_FEATURES = sum(FEATURES)
 
@@ -255,7 +257,7 @@ def _plain_tensor_type(t) -> bool:
 def make_spec(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
               scale: Optional[float] = None, enable_gqa: bool = False, *, key_lengths=None,
               query_lengths=None, window: Optional[Sequence[Optional[int]]] = None,
-              return_lse: bool = False) -> AttentionSpec:
+              return_lse: bool = False, return_stats: bool = False) -> AttentionSpec:
     # This runs on every call: it reads each tensor attribute once and builds nothing it does
     # not need (on tiny inputs the whole call is a few microseconds; bench/overhead.py).
     if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)) \
@@ -413,6 +415,8 @@ def make_spec(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
             features |= QUERY_LENGTHS
     if return_lse:
         features |= RETURN_LSE
+    if return_stats:
+        features |= STATS
 
     if nd == 4:  # already canonical (B, H, L, E): only the last dim's stride to check
         if query.stride()[-1] != 1 and E > 1:

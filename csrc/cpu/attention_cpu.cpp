@@ -1,4 +1,4 @@
-// CPU implementations of effattn::fwd and effattn::bwd: read the tensors into
+// CPU implementations of effattn::fwd, effattn::fwd_stats and effattn::bwd: read the tensors into
 // params (csrc/host_params.h), allocate outputs and scratch, and run the
 // kernel variant the caller chose (kernels.h): the op's `variant` argument is
 // an Isa value, picked once by the cpu backend (effattn/backends/cpu.py, from
@@ -65,7 +65,7 @@ Isa checked_isa(int64_t variant) {
   return static_cast<Isa>(variant);
 }
 
-void run_fwd(Isa isa, ScalarType dtype, const FwdParams& p) {
+void run_fwd(Isa isa, ScalarType dtype, const CpuFwdParams& p) {
   switch (isa) {
 #if EFFATTN_X86_VARIANTS
     case Isa::kAvx512: avx512::attention_fwd(dtype, p); break;
@@ -103,8 +103,29 @@ std::tuple<Tensor, Tensor> fwd_cpu(Tensor q, Tensor k, Tensor v, std::optional<T
   const cpu::Isa isa = cpu::checked_isa(variant);
   FwdCall call = make_fwd_call(q, k, v, mask, key_lengths, query_lengths, scale, window_left,
                                window_right);
-  cpu::run_fwd(isa, q.scalar_type(), call.params);
+  cpu::CpuFwdParams p;
+  static_cast<FwdParams&>(p) = call.params;
+  cpu::run_fwd(isa, q.scalar_type(), p);
   return {call.out, call.lse};
+}
+
+// fwd, plus the attention statistics of every query row: stats (2, B, Hq, Lq) contiguous, in
+// the accumulator type, [0] the entropy of the row's weights (nats), [1] its largest weight.
+std::tuple<Tensor, Tensor, Tensor> fwd_stats_cpu(Tensor q, Tensor k, Tensor v, std::optional<Tensor> mask,
+                                                 std::optional<Tensor> key_lengths,
+                                                 std::optional<Tensor> query_lengths, double scale,
+                                                 WindowSide window_left, WindowSide window_right,
+                                                 int64_t variant) {
+  const cpu::Isa isa = cpu::checked_isa(variant);
+  FwdCall call = make_fwd_call(q, k, v, mask, key_lengths, query_lengths, scale, window_left,
+                               window_right);
+  cpu::CpuFwdParams p;
+  static_cast<FwdParams&>(p) = call.params;
+  Tensor stats = torch::stable::new_empty(q, {2, p.batch, p.heads_q, p.seqlen_q},
+                                          accum_dtype(q.scalar_type()));
+  p.stats = stats.mutable_data_ptr();
+  cpu::run_fwd(isa, q.scalar_type(), p);
+  return {call.out, call.lse, stats};
 }
 
 std::tuple<Tensor, Tensor, Tensor> bwd_cpu(
@@ -143,6 +164,7 @@ int64_t cpu_isas() { return cpu::runnable_isas(); }
 
 STABLE_TORCH_LIBRARY_IMPL(effattn, CPU, m) {
   m.impl("fwd", TORCH_BOX(&effattn::fwd_cpu));
+  m.impl("fwd_stats", TORCH_BOX(&effattn::fwd_stats_cpu));
   m.impl("bwd", TORCH_BOX(&effattn::bwd_cpu));
 }
 

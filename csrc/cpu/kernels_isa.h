@@ -64,7 +64,7 @@ void dispatch_dtype(ScalarType dtype, const Params& p) {
 }
 template <typename scalar_t, typename acc_t>
 struct Fwd {
-  static void run(const FwdParams& p) { cpu::EFFATTN_ISA_NAMESPACE::attention_fwd<scalar_t, acc_t>(p); }
+  static void run(const CpuFwdParams& p) { cpu::EFFATTN_ISA_NAMESPACE::attention_fwd<scalar_t, acc_t>(p); }
 };
 template <typename scalar_t, typename acc_t>
 struct Bwd {
@@ -72,7 +72,7 @@ struct Bwd {
 };
 }  // namespace
 
-void attention_fwd(ScalarType dtype, const FwdParams& p) { dispatch_dtype<Fwd>(dtype, p); }
+void attention_fwd(ScalarType dtype, const CpuFwdParams& p) { dispatch_dtype<Fwd>(dtype, p); }
 void attention_bwd(ScalarType dtype, const BwdParams& p) { dispatch_dtype<Bwd>(dtype, p); }
 
 }  // namespace EFFATTN_ISA_NAMESPACE

@@ -106,6 +106,8 @@ class Backend:
     def reasons(self, spec: AttentionSpec) -> List[str]:
         return self.unavailable_reasons() or self.not_supported_reasons(spec)
 
-    def forward(self, spec: AttentionSpec) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Differentiable (out (B, Hq, L, Ev), lse (B, Hq, L))."""
+    def forward(self, spec: AttentionSpec) -> Tuple[torch.Tensor, ...]:
+        """Differentiable (out (B, Hq, L, Ev), lse (B, Hq, L)); and, when the spec asks for
+        them (STATS, declared by the backend), stats (2, B, Hq, L): the entropy and the
+        largest weight of each query row's attention weights, without gradient."""
         raise NotImplementedError

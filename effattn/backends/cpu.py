@@ -28,7 +28,8 @@ class CpuBackend(Backend):
     devices = ("cpu",)
     dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
     features = (S.CAUSAL | S.CAUSAL_LOWER_RIGHT | S.WINDOW | S.NEGATIVE_BAND | S.KEY_LENGTHS | S.QUERY_LENGTHS
-                | S.BOOL_MASK | S.FLOAT_MASK | S.MASK_BROADCAST | S.GQA | S.VALUE_HEAD_DIM | S.RETURN_LSE)
+                | S.BOOL_MASK | S.FLOAT_MASK | S.MASK_BROADCAST | S.GQA | S.VALUE_HEAD_DIM | S.RETURN_LSE
+                | S.STATS)
 
     def __init__(self):
         self._isa = (None, "", 0)  # (config value, name, Isa value), for the hot path

@@ -68,7 +68,8 @@ class TritonBackend(Backend):
     devices = ("cuda", "cpu") if _INTERPRET else ("cuda",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     features = (S.CAUSAL | S.CAUSAL_LOWER_RIGHT | S.WINDOW | S.NEGATIVE_BAND | S.KEY_LENGTHS | S.QUERY_LENGTHS
-                | S.BOOL_MASK | S.FLOAT_MASK | S.MASK_BROADCAST | S.GQA | S.VALUE_HEAD_DIM | S.RETURN_LSE)
+                | S.BOOL_MASK | S.FLOAT_MASK | S.MASK_BROADCAST | S.GQA | S.VALUE_HEAD_DIM | S.RETURN_LSE
+                | S.STATS)
     max_head_dim = MAX_HEAD_DIM
     min_head_dim = 1
     min_cuda_capability = 80  # the kernels' bf16 tensor-core dots and tiles assume Ampere or newer

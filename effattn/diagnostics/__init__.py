@@ -17,9 +17,12 @@
 * check (check.py): runs the passes, leaves the model as it found it.
 * Report (report.py): the records, the summary, to_dict(), plot().
 * stats.py: the measures themselves (norms, zero counts, the geometric decay fit).
+* attention_stats (attention.py): per query row the entropy, largest weight and effective
+  number of keys of the attention weights, from the fused kernels at O(L) memory.
 """
+from .attention import AttentionStats, attention_stats
 from .check import check
 from .recorder import GradientFlow
 from .report import LayerRecord, Report, TimeRecord
 
-__all__ = ["GradientFlow", "check", "Report", "LayerRecord", "TimeRecord"]
+__all__ = ["GradientFlow", "check", "Report", "LayerRecord", "TimeRecord", "attention_stats", "AttentionStats"]

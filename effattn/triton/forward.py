@@ -20,6 +20,12 @@ output and LSE in float32, and ``merge_splits`` combines them by their LSEs.
 
 Rows that see no key (all masked, past query_lengths) get out = 0, lse = -inf.
 
+Attention statistics (STATS, effattn.diagnostics.attention_stats): one more
+row accumulator, u = sum p (s - m) in base 2, rescaled as m grows, gives the
+entropy of each row's weights, ln 2 (log2 l - u / l), and its largest weight,
+1 / l, at no extra pass; 0 and 0 for rows that see no key. Calls with STATS
+are never split.
+
 Tensor-memory-accelerator loads (USE_TMA, Hopper and newer, opt-in through
 EFFATTN_TRITON_TMA until measured: see ops.py): the interior blocks read K and
 V through device-side tensor descriptors over (B, Hkv, S, E), so the copy
@@ -38,13 +44,13 @@ from .tiles import (head_ptr, masked_scores, mma, query_block, query_block_key_r
 
 
 @triton.jit
-def _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, tile_b, tile_h, mask_base, start_n, offs_m,
+def _fwd_block(acc, m_i, l_i, u_i, q, k_base, v_base, k_desc, v_desc, tile_b, tile_h, mask_base, start_n, offs_m,
                offs_n0, offs_d, offs_dv, stride_kn, stride_vn, stride_mm, stride_mn, L, S, key_len, query_len,
                qk_scale, window_left, window_right,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, STRUCTURE_MASK: tl.constexpr,
                MASK_KIND: tl.constexpr,
-               UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
-    """One key block of the online softmax; returns the updated (acc, m, l).
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, STATS: tl.constexpr):
+    """One key block of the online softmax; returns the updated (acc, m, l, u) (u: STATS only).
     With USE_TMA (interior blocks only: every key is < S) K and V come through
     the descriptors k_desc, v_desc at (tile_b, tile_h, start_n, 0)."""
     offs_n = start_n + offs_n0
@@ -67,8 +73,11 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, tile_b, tile_h,
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:  # an unmasked block has a finite maximum in every row (or a NaN, which propagates)
         m_shift = m_new
-    p = tl.math.exp2(s - m_shift[:, None])
+    x = s - m_shift[:, None]
+    p = tl.math.exp2(x)
     alpha = tl.math.exp2(m_i - m_shift)
+    if STATS:  # u = sum p (s - m), rescaled as m grows; differences clamped where p = 0 (no 0 * -inf)
+        u_i = alpha * (u_i + l_i * tl.maximum(m_i - m_shift, -2000.0)) + tl.sum(p * tl.maximum(x, -2000.0), 1)
     l_i = l_i * alpha + tl.sum(p, 1)
     if USE_TMA:
         v = v_desc.load([tile_b, tile_h, start_n, 0]).reshape(offs_n0.shape[0], offs_dv.shape[0])
@@ -79,16 +88,17 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, tile_b, tile_h,
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :], mask=v_mask,
                     other=0.0)
     acc = mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
-    return acc, m_new, l_i
+    return acc, m_new, l_i, u_i
 
 
 @triton.jit(do_not_specialize=["H", "GROUP", "L", "S", "KEYS_PER_SPLIT", "L_BUCKET", "S_BUCKET", "window_left",
                                "window_right"])
 def attn_fwd_kernel(
     # ---- pointers: q, k, v (B, H or HKV, L or S, dim); out (B, H, L, Ev) or its per-split
-    # partials (splits, B, H, L, Ev); lse (B, H, L) or (splits, B, H, L), contiguous; the mask, a
-    # broadcast view of (B, H, L, S); the (B,) int64 lengths ----
-    Q, K, V, O, LSE, MASK, KEY_LENGTHS, QUERY_LENGTHS,
+    # partials (splits, B, H, L, Ev); lse (B, H, L) or (splits, B, H, L), contiguous; with STATS the
+    # (2, B, H, L) stats (else any pointer, unused); the mask, a broadcast view of (B, H, L, S); the
+    # (B,) int64 lengths ----
+    Q, K, V, O, LSE, STATS_OUT, MASK, KEY_LENGTHS, QUERY_LENGTHS,
     # ---- strides in elements, (batch, head, row) of q, k, v, out (+ split), then the mask's 4 ----
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om, stride_osplit, stride_lsplit, stride_mb, stride_mh, stride_mm, stride_mn,
@@ -99,6 +109,7 @@ def attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, HAS_QUERY_LENGTHS: tl.constexpr,
     MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr = False,
+    STATS: tl.constexpr = False,
 ):
     b, h, hk, bh, split, pid_m = query_block(H, GROUP)
     query_len, key_len = sequence_lengths(KEY_LENGTHS, QUERY_LENGTHS, b, L, S, HAS_KEY_LENGTHS, HAS_QUERY_LENGTHS)
@@ -128,6 +139,7 @@ def attn_fwd_kernel(
     acc = tl.zeros((BLOCK_M, HEAD_DIM_V_PAD), tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
+    u_i = tl.zeros((BLOCK_M,), tl.float32)
     if hi > lo:
         q = tl.load(head_ptr(Q, b, h, stride_qb, stride_qh) + offs_m[:, None].to(tl.int64) * stride_qm
                     + offs_d[None, :], mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -135,11 +147,11 @@ def attn_fwd_kernel(
         for stage in tl.static_range(3):
             start, end = stage_range(stage, lo, a, c, hi)
             for start_n in range(start, end, BLOCK_N):
-                acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_base,
+                acc, m_i, l_i, u_i = _fwd_block(acc, m_i, l_i, u_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_base,
                                            start_n, offs_m, offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
                                            stride_mm, stride_mn, L, S, key_len, query_len, qk_scale,
                                            window_left, window_right, HEAD_DIM, HEAD_DIM_V, stage != 1,
-                                           MASK_KIND, UPCAST, PRECISION, USE_TMA and stage == 1)
+                                           MASK_KIND, UPCAST, PRECISION, USE_TMA and stage == 1, STATS)
 
     # ---- epilogue: normalise; rows that saw nothing (or are padding) give 0 and -inf ----
     empty = (l_i == 0.0) | (offs_m >= query_len)
@@ -151,6 +163,13 @@ def attn_fwd_kernel(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V))
     lse_ptrs = LSE + split.to(tl.int64) * stride_lsplit + bh.to(tl.int64) * L + offs_m
     tl.store(lse_ptrs, lse, mask=offs_m < L)
+    if STATS:  # (never split) entropy (nats) = ln 2 (log2 l - u / l); the largest weight = 1 / l
+        l_safe = tl.where(empty, 1.0, l_i)
+        entropy = tl.where(empty, 0.0, (tl.math.log2(l_safe) - u_i / l_safe) * 0.6931471805599453)
+        stats_ptrs = STATS_OUT + bh.to(tl.int64) * L + offs_m
+        tl.store(stats_ptrs, entropy, mask=offs_m < L)
+        tl.store(stats_ptrs + tl.num_programs(1).to(tl.int64) * L, tl.where(empty, 0.0, 1.0 / l_safe),
+                 mask=offs_m < L)
 
 
 @triton.jit(do_not_specialize=["H", "L", "NUM_SPLITS"])

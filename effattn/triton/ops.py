@@ -1,5 +1,5 @@
-"""The Triton kernels as PyTorch ops: ``effattn::triton_fwd`` and
-``effattn::triton_bwd``, defined with ``torch.library.triton_op`` so that
+"""The Triton kernels as PyTorch ops: ``effattn::triton_fwd``, ``effattn::triton_fwd_stats``
+and ``effattn::triton_bwd``, defined with ``torch.library.triton_op`` so that
 ``torch.compile(fullgraph=True)`` traces through them (the kernels are
 launched with ``wrap_triton``); effattn/ops.py's OpFamily registers the
 recompute backward as the forward's autograd formula, as for the C++ ops.
@@ -140,36 +140,38 @@ def _tma_scratch(device: torch.device):
     return alloc
 
 
-@triton_op("effattn::triton_fwd", mutates_args=())
-def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_lengths: Optional[Tensor],
-               query_lengths: Optional[Tensor], scale: float, window_left: Optional[int],
-               window_right: Optional[int], variant: int) -> Tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_lengths: Optional[Tensor],
+             query_lengths: Optional[Tensor], scale: float, window_left: Optional[int], window_right: Optional[int],
+             variant: int, with_stats: bool):
+    """triton_fwd's body: (out, lse), and the (2, B, H, L) stats with ``with_stats`` (never split)."""
     (B, H, HKV, L, S, EV), meta, mask_and_lengths, mask_strides = _common(q, k, v, key_lengths, query_lengths,
                                                                           mask, variant)
     out = empty_in_layout_of(q, (B, H, L, EV), q.dtype)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    stats = torch.empty((2, B, H, L), dtype=torch.float32, device=q.device) if with_stats else None
     if B * H * L == 0:
-        return out, lse
+        return out, lse, stats
     elem = q.element_size()
     # configs are sized by the wider head dim and the device's shared memory per block
     d_pad, smem = max(meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"]), configs.smem_limit(q.device)
     semantics = (scale * LOG2E, _window(window_left), _window(window_right))
-    splits, per_split, short = _key_splits(B * H, L, S, q.device, d_pad, elem, smem, mask is not None)
+    splits, per_split, short = (1, S, None) if with_stats else _key_splits(B * H, L, S, q.device, d_pad, elem,
+                                                                           smem, mask is not None)
     if splits > 1:
         bm, bn, w, st = short
         o_part = torch.empty((splits, B, H, L, EV), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((splits, B, H, L), dtype=torch.float32, device=q.device)
         wrap_triton(attn_fwd_kernel)[(triton.cdiv(L, bm), B * H, splits)](
-            q, k, v, o_part, lse_part, *mask_and_lengths,
+            q, k, v, o_part, lse_part, lse_part, *mask_and_lengths,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o_part), lse_part.stride(0), *mask_strides,
             H, H // HKV, L, S, per_split, _bucket(L), _bucket(S), *semantics,
             # every argument, defaults included: torch.compile reads the kernel's IR for the
             # tensors it writes, and without one it assumes all (and copies q, k, v first)
-            USE_TMA=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **meta)
+            USE_TMA=False, STATS=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **meta)
         wrap_triton(merge_splits_kernel)[(triton.cdiv(L, 16), B * H)](
             o_part, lse_part, out, lse, *_strides(out), H, L, splits,
             HEAD_DIM_V=EV, HEAD_DIM_V_PAD=meta["HEAD_DIM_V_PAD"], BLOCK_M=16, num_warps=4)
-        return out, lse
+        return out, lse, stats
     use_tma = _use_tma(q, k, v, meta["HEAD_DIM_PAD"], meta["HEAD_DIM_V_PAD"], variant)
     if use_tma:
         triton.set_allocator(_tma_scratch(q.device))
@@ -177,11 +179,28 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_leng
                                      mask is not None)
     grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H, 1)  # noqa: E731
     wrap_triton(kernel)[grid](
-        q, k, v, out, lse, *mask_and_lengths,
+        q, k, v, out, lse, lse if stats is None else stats, *mask_and_lengths,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), 0, 0, *mask_strides,
         H, H // HKV, L, S, max(S, 1), _bucket(L), _bucket(S), *semantics,
-        USE_TMA=use_tma, **meta, **(fixed or {}))
+        USE_TMA=use_tma, STATS=with_stats, **meta, **(fixed or {}))
+    return out, lse, stats
+
+
+@triton_op("effattn::triton_fwd", mutates_args=())
+def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_lengths: Optional[Tensor],
+               query_lengths: Optional[Tensor], scale: float, window_left: Optional[int],
+               window_right: Optional[int], variant: int) -> Tuple[Tensor, Tensor]:
+    out, lse, _ = _forward(q, k, v, mask, key_lengths, query_lengths, scale, window_left, window_right, variant,
+                           False)
     return out, lse
+
+
+@triton_op("effattn::triton_fwd_stats", mutates_args=())
+def triton_fwd_stats(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], key_lengths: Optional[Tensor],
+                     query_lengths: Optional[Tensor], scale: float, window_left: Optional[int],
+                     window_right: Optional[int], variant: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """triton_fwd and the (2, B, H, L) float32 stats of csrc/ops.cpp's fwd_stats."""
+    return _forward(q, k, v, mask, key_lengths, query_lengths, scale, window_left, window_right, variant, True)
 
 
 @triton_op("effattn::triton_bwd", mutates_args=())
@@ -244,4 +263,5 @@ def triton_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tenso
 
 
 #: The Triton ops, wired by the shared op layer (autograd, eager caller) as the C++ ops are.
-TRITON = OpFamily(torch.ops.effattn.triton_fwd.default, torch.ops.effattn.triton_bwd.default)
+TRITON = OpFamily(torch.ops.effattn.triton_fwd.default, torch.ops.effattn.triton_bwd.default,
+                  torch.ops.effattn.triton_fwd_stats.default)
