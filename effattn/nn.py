@@ -6,6 +6,11 @@
 * :class:`AttentionPooling`: pools a padded batch ``(B, N, D)`` with ``lengths``
   into ``(B, out_dim)`` with one or a few queries; padded frames are masked
   through ``key_lengths`` (no mask tensor), scores are scaled by 1/sqrt(d).
+
+Both record the health of their attention when asked (``record_stats = True``, or
+:func:`record_attention_stats` on a whole model): each forward then keeps, in
+``last_stats``, the per-row entropy, largest weight and effective number of keys of its
+attention weights (effattn.diagnostics.attention_stats), computed by the same kernel call.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from torch import Tensor
 
 from .api import attention
 
-__all__ = ["MultiheadAttention", "AttentionPooling"]
+__all__ = ["MultiheadAttention", "AttentionPooling", "record_attention_stats"]
 
 
 def _fail(owner: str, msg: str):
@@ -68,7 +73,38 @@ def _merge_masks(a: Tensor, b: Tensor) -> Tensor:
     return additive(a) + additive(b)
 
 
-class MultiheadAttention(torch.nn.MultiheadAttention):
+class _RecordsStats:
+    """The opt-in shared by the modules: with ``record_stats = True`` (off by default) each
+    forward computes its attention with effattn.diagnostics.attention_stats instead of
+    effattn.attention, in the same single kernel pass, and keeps the detached
+    :class:`~effattn.diagnostics.AttentionStats` of the call in ``last_stats`` (shape
+    (B, H, L) each), so a training loop can log attention-entropy collapse
+    (``module.last_stats.summary()``)."""
+
+    record_stats: bool = False
+    last_stats = None
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, return_lse: bool = False, **kw):
+        if not self.record_stats:
+            return attention(q, k, v, return_lse=return_lse, **kw)
+        from .diagnostics.attention import attention_stats
+
+        out, self.last_stats = attention_stats(q, k, v, return_output=True, **kw)
+        return (out, self.last_stats.lse) if return_lse else out
+
+
+def record_attention_stats(model: torch.nn.Module, enabled: bool = True):
+    """Sets ``record_stats`` on every effattn.nn module in ``model`` (itself included);
+    returns those modules, e.g. to log ``m.last_stats.summary()`` after each step."""
+    found = [m for m in model.modules() if isinstance(m, _RecordsStats)]
+    for m in found:
+        m.record_stats = enabled
+        if not enabled:
+            m.last_stats = None
+    return found
+
+
+class MultiheadAttention(_RecordsStats, torch.nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` computed with :func:`effattn.attention`.
 
     Same constructor arguments, parameter names and initialisation (it is a
@@ -86,6 +122,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     * Extras, keyword-only: ``key_lengths`` (int (B,): keys at or past it are
       padding; the memory-free alternative to ``key_padding_mask``) and
       ``window=(left, right)`` (local attention), as in effattn.attention.
+    * ``record_stats = True`` keeps each call's attention statistics in
+      ``last_stats`` (the module docstring).
 
     Memory: ``key_padding_mask`` alone is passed as a (B, 1, 1, S) view. A bool
     ``attn_mask`` is negated (one copy of it) and combining ``attn_mask`` with
@@ -124,8 +162,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         def heads(t):  # (B, N, H*d) -> (B, H, N, d), a view
             return t.view(B, t.shape[1], H, -1).transpose(1, 2)
 
-        out = attention(heads(q), heads(k), heads(v), attn_mask=mask, is_causal=is_causal,
-                        key_lengths=key_lengths, window=window)
+        out = self._attend(heads(q), heads(k), heads(v), attn_mask=mask, is_causal=is_causal,
+                           key_lengths=key_lengths, window=window)
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, E))
         if not batched:
             out = out.squeeze(0)
@@ -221,7 +259,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 # AttentionPooling
 # ---------------------------------------------------------------------------
 
-class AttentionPooling(torch.nn.Module):
+class AttentionPooling(_RecordsStats, torch.nn.Module):
     """Attention pooling of padded sequences: ``(B, N, D)`` and ``lengths`` -> ``(B, out_dim)``.
 
     Each of ``num_queries`` queries attends over the valid frames of its
@@ -319,7 +357,7 @@ class AttentionPooling(torch.nn.Module):
             return t.reshape(B, t.shape[1], H, -1).transpose(1, 2)
 
         q, keys, values = heads(q), heads(keys), heads(values)
-        out, lse = attention(q, keys, values, key_lengths=lengths, return_lse=True)
+        out, lse = self._attend(q, keys, values, key_lengths=lengths, return_lse=True)
         out = out.transpose(1, 2).reshape(B, Q, self.value_dim)  # (B, Q, value_dim)
         pooled = out.reshape(B, self.out_dim) if self.combine == "concat" else out.mean(1)
         if not return_weights:

@@ -212,3 +212,40 @@ def test_dropout_is_refused_with_stats():
     q, k, v = make_qkv(requires_grad=False)
     with pytest.raises(NotImplementedError, match="does not support dropout"):
         attention_stats(q, k, v, dropout_p=0.5)
+
+
+def test_multihead_attention_records_stats_on_request():
+    """record_stats: the same outputs and gradients, and last_stats equal to the entropy and
+    largest weight of torch.nn.MultiheadAttention's own (materialised) weights."""
+    torch.manual_seed(0)
+    ours = effattn.nn.MultiheadAttention(32, 4, batch_first=True)
+    theirs = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 40, 32)
+    plain, _ = ours(x, x, x)
+    assert ours.last_stats is None  # off by default
+    assert effattn.nn.record_attention_stats(ours) == [ours]
+    out, _ = ours(x, x, x)
+    assert torch.equal(out, plain)
+    out.sum().backward()  # the output keeps its gradient
+    _, weights = theirs(x, x, x, need_weights=True, average_attn_weights=False)  # (B, H, L, S)
+    w = weights.double()
+    entropy = -torch.special.xlogy(w, w).sum(-1)
+    torch.testing.assert_close(ours.last_stats.entropy.double(), entropy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.last_stats.max_weight.double(), w.amax(-1), rtol=1e-5, atol=1e-6)
+    effattn.nn.record_attention_stats(ours, False)
+    assert ours.last_stats is None and not ours.record_stats
+
+
+def test_attention_pooling_records_stats_on_request():
+    torch.manual_seed(0)
+    pool = effattn.nn.AttentionPooling(16, num_heads=2, num_queries=3)
+    x, lengths = torch.randn(3, 20, 16), torch.tensor([20, 7, 0])
+    plain = pool(x, lengths)
+    pool.record_stats = True
+    pooled, weights = pool(x, lengths, return_weights=True)  # (B, H, Q, N)
+    assert torch.equal(pooled, plain)
+    w = weights.double()
+    torch.testing.assert_close(pool.last_stats.entropy.double(), -torch.special.xlogy(w, w).sum(-1),
+                               rtol=1e-5, atol=1e-6)
+    assert (pool.last_stats.max_weight[2] == 0).all() and (pool.last_stats.effective_keys[2] == 0).all()

@@ -30,7 +30,7 @@ from effattn.triton.forward import attn_fwd_kernel
 from effattn.triton.ops import _pad  # the ops' head-dim padding rule
 
 KERNELS = {"fwd": attn_fwd_kernel, "dkdv": bwd_dkdv_kernel, "dq": bwd_dq_kernel}
-FLOAT_POINTERS = {"LSE", "LSE2", "DELTA"}  # float32 rows; other upper-case pointers are by name below
+FLOAT_POINTERS = {"LSE", "LSE2", "DELTA", "STATS_OUT"}  # float32 rows; other upper-case pointers are by name below
 INT_POINTERS = {"KEY_LENGTHS", "QUERY_LENGTHS"}
 FLOAT_SCALARS = {"qk_scale", "scale"}
 
@@ -45,7 +45,7 @@ def compile_kernel(kind, arch, head_dim, block, tma=False, dtype="bf16", **flags
     constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=_pad(head_dim), HEAD_DIM_V=head_dim_v,
                       HEAD_DIM_V_PAD=_pad(head_dim_v),
                       BLOCK_M=bm, BLOCK_N=bn, HAS_KEY_LENGTHS=False, HAS_QUERY_LENGTHS=False,
-                      MASK_KIND=0, UPCAST=False, PRECISION="tf32", USE_TMA=bool(tma))
+                      MASK_KIND=0, UPCAST=False, PRECISION="tf32", USE_TMA=bool(tma), STATS=False)
     constexprs.update(flags)
     constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
     signature = {}
@@ -108,6 +108,9 @@ VARIANTS = [
     ("head dim 72, padded to 128", "bf16", 72, {}),
     ("value dim 64, head dim 128", "bf16", 128, dict(HEAD_DIM_V=64)),
     ("everything, fp16 at 40", "fp16", 40, dict(MASK_KIND=2, HAS_KEY_LENGTHS=True, HAS_QUERY_LENGTHS=True)),
+    ("attention stats (forward only)", "bf16", 128, dict(STATS=True)),
+    ("attention stats, fp32 ieee, mask, lengths", "fp32", 128,
+     dict(STATS=True, PRECISION="ieee", MASK_KIND=2, HAS_KEY_LENGTHS=True, HAS_QUERY_LENGTHS=True)),
 ]
 
 
@@ -121,6 +124,8 @@ def variants(arch, kinds, fit, only=None):
     for kind in kinds:
         for name, dtype, e, flags in VARIANTS:
             if only and name not in only:
+                continue
+            if "STATS" in flags and kind != "fwd":  # a forward-only constexpr
                 continue
             if only and only.get(name):  # a head dim given with the name, shown in the row
                 e, name = only[name], f"{name}@{only[name]}"

@@ -65,7 +65,7 @@ Isa checked_isa(int64_t variant) {
   return static_cast<Isa>(variant);
 }
 
-void run_fwd(Isa isa, ScalarType dtype, const CpuFwdParams& p) {
+void run_fwd(Isa isa, ScalarType dtype, const FwdParams& p) {
   switch (isa) {
 #if EFFATTN_X86_VARIANTS
     case Isa::kAvx512: avx512::attention_fwd(dtype, p); break;
@@ -91,6 +91,20 @@ void run_bwd(Isa isa, ScalarType dtype, const BwdParams& p) {
   }
 }
 
+// The forward that also writes each query row's attention statistics (kernels.h).
+void run_fwd_stats(Isa isa, ScalarType dtype, const FwdParams& p, void* stats) {
+  switch (isa) {
+#if EFFATTN_X86_VARIANTS
+    case Isa::kAvx512: avx512::attention_fwd_stats(dtype, p, stats); break;
+    case Isa::kAvx2: avx2::attention_fwd_stats(dtype, p, stats); break;
+#if EFFATTN_CPU_AVX2_WIDE
+    case Isa::kAvx2Wide: avx2_wide::attention_fwd_stats(dtype, p, stats); break;
+#endif
+#endif
+    default: baseline::attention_fwd_stats(dtype, p, stats); break;
+  }
+}
+
 }  // namespace
 }  // namespace cpu
 
@@ -103,9 +117,7 @@ std::tuple<Tensor, Tensor> fwd_cpu(Tensor q, Tensor k, Tensor v, std::optional<T
   const cpu::Isa isa = cpu::checked_isa(variant);
   FwdCall call = make_fwd_call(q, k, v, mask, key_lengths, query_lengths, scale, window_left,
                                window_right);
-  cpu::CpuFwdParams p;
-  static_cast<FwdParams&>(p) = call.params;
-  cpu::run_fwd(isa, q.scalar_type(), p);
+  cpu::run_fwd(isa, q.scalar_type(), call.params);
   return {call.out, call.lse};
 }
 
@@ -119,12 +131,10 @@ std::tuple<Tensor, Tensor, Tensor> fwd_stats_cpu(Tensor q, Tensor k, Tensor v, s
   const cpu::Isa isa = cpu::checked_isa(variant);
   FwdCall call = make_fwd_call(q, k, v, mask, key_lengths, query_lengths, scale, window_left,
                                window_right);
-  cpu::CpuFwdParams p;
-  static_cast<FwdParams&>(p) = call.params;
+  const FwdParams& p = call.params;
   Tensor stats = torch::stable::new_empty(q, {2, p.batch, p.heads_q, p.seqlen_q},
                                           accum_dtype(q.scalar_type()));
-  p.stats = stats.mutable_data_ptr();
-  cpu::run_fwd(isa, q.scalar_type(), p);
+  cpu::run_fwd_stats(isa, q.scalar_type(), p, stats.mutable_data_ptr());
   return {call.out, call.lse, stats};
 }
 

@@ -28,7 +28,9 @@
 // that at the end the entropy of the row's weights is
 // H = ln 2 * (log2 l - u / l) and its largest weight 2^(m - m) / l = 1 / l;
 // no cancellation (both terms are >= 0) and no second pass. A row with no
-// visible key gets H = 0 and max weight 0. Without kStats nothing changes.
+// visible key gets H = 0 and max weight 0. The kStats instances are compiled
+// in a translation unit of their own (kernels_<isa>_stats.cpp), so the plain
+// forward's code is exactly what it is without them.
 // Queries-as-lanes means no K transpose per tile, no horizontal max/sum per
 // row, and one vector exp2 for eight rows' rescale factors.
 //
@@ -41,12 +43,25 @@
 // Memory: O(kFwdBlockM * (E + Ev + kFwdBlockN)) per thread; nothing of size
 // Lq x Lk.
 
-template <typename scalar_t, typename acc_t, bool kStats>
+// What the kStats forward adds to a tile: u per row and the (2, B, Hq, Lq) output; nothing
+// (an empty member) otherwise.
+template <typename acc_t, bool kStats>
+struct FwdStats {
+  FwdStats(int64_t, void*) {}
+};
+template <typename acc_t>
+struct FwdStats<acc_t, true> {
+  Scratch<acc_t> u;
+  acc_t* out;
+  FwdStats(int64_t rows, void* stats_out) : u(rows), out(static_cast<acc_t*>(stats_out)) {}
+};
+
+template <typename scalar_t, typename acc_t, bool kStats = false>
 struct FwdTile {
   static constexpr bool kReadKInPlace = std::is_same<scalar_t, acc_t>::value;
   static constexpr int64_t BM = kFwdBlockM, BN = kFwdBlockN, W = kLanes<acc_t>;
 
-  const CpuFwdParams& p;
+  const FwdParams& p;
   // The tiles' capacities: kFwdBlockM query rows (the leading dim of Q^T, S^T and the
   // mask tile) and kFwdBlockN keys, or fewer when the call has fewer (padded to whole
   // vectors), so a short call does not allocate and zero the full tiles (the scratch of a
@@ -57,9 +72,10 @@ struct FwdTile {
   // needed and its rows are whole vectors (the GEMM reads round_up(Ev) columns).
   const bool v_in_place;
   const acc_t scale2;  // scale * log2(e): scores in base 2
-  Scratch<acc_t> qt, k, v, st, bias, acc, m, l, alpha, u, row_buf;
+  Scratch<acc_t> qt, k, v, st, bias, acc, m, l, alpha, row_buf;
+  FwdStats<acc_t, kStats> stats;  // (last: the plain tile's other members keep their offsets)
 
-  explicit FwdTile(const CpuFwdParams& params)
+  explicit FwdTile(const FwdParams& params, void* stats_out = nullptr)
       : p(params),
         bm(std::min(BM, padded(params.seqlen_q))),
         bn(std::min(BN, params.seqlen_k)),
@@ -77,8 +93,8 @@ struct FwdTile {
         m(bm),
         l(bm),
         alpha(bm),
-        u(kStats ? bm : 0),
-        row_buf(8 * E) {}
+        row_buf(8 * E),
+        stats(bm, stats_out) {}
 
   void run(int64_t b, int64_t h, int64_t m_block) {
     const int64_t hk = h / p.group_size();
@@ -97,7 +113,7 @@ struct FwdTile {
     for (int64_t r = 0; r < bm; ++r) {
       m[r] = neg_inf<acc_t>();
       l[r] = acc_t(0);
-      if (kStats) u[r] = acc_t(0);
+      if constexpr (kStats) stats.u[r] = acc_t(0);
     }
     std::memset(static_cast<void*>(acc.data()), 0, sizeof(acc_t) * bm * Evp);
 
@@ -140,12 +156,11 @@ struct FwdTile {
       // ~100: each float rounding there moves every recomputed probability by ~1e-6)
       LSE[i0 + r] = empty ? neg_inf<acc_t>()
                           : static_cast<acc_t>(kLn2 * (double(m[r]) + std::log2(double(l[r]))));
-      if (kStats) {  // (2, B, Hq, Lq): entropy, then the largest weight
+      if constexpr (kStats) {  // (2, B, Hq, Lq): the entropy (nats), then the largest weight
         const int64_t row = (b * p.heads_q + h) * p.seqlen_q + i0 + r;
-        acc_t* stats = static_cast<acc_t*>(p.stats);
-        stats[row] = empty ? acc_t(0)
-                           : static_cast<acc_t>(kLn2 * (std::log2(double(l[r])) - double(u[r]) / double(l[r])));
-        stats[p.batch * p.heads_q * p.seqlen_q + row] = inv;
+        stats.out[row] = empty ? acc_t(0)
+                               : static_cast<acc_t>(kLn2 * (std::log2(double(l[r])) - double(stats.u[r]) / double(l[r])));
+        stats.out[p.batch * p.heads_q * p.seqlen_q + row] = inv;
       }
     }
   }
@@ -170,9 +185,6 @@ struct FwdTile {
   // queries: updates m, l (and u), turns S^T into P^T and rescales acc's rows.
   void softmax_step(int64_t M, int64_t Mv, int64_t N) {
     const Vec<acc_t> ninf = vbroadcast(neg_inf<acc_t>());
-    // u's differences are clamped here: 2^-2000 is 0 in float and double, so a clamped
-    // term has P = 0 and adds 0 (a masked score's -inf would give 0 * -inf = NaN)
-    const Vec<acc_t> floor = vbroadcast(acc_t(-2000));
     for (int64_t c = 0; c < Mv; c += W) {
       acc_t* col = st.data() + c;
       Vec<acc_t> mx = ninf;
@@ -183,16 +195,28 @@ struct FwdTile {
       // that exp2(-inf - shift) is 0 and never NaN.
       const Vec<acc_t> shift = m_new == ninf ? Vec<acc_t>{} : m_new;
       const Vec<acc_t> a = vexp2(m_old - shift);
-      Vec<acc_t> sum{}, su{};
-      for (int64_t n = 0; n < N; ++n) {
-        const Vec<acc_t> x = vload(col + n * bm) - shift;
-        const Vec<acc_t> e = vexp2(x);
-        vstore(col + n * bm, e);
-        sum += e;
-        if (kStats) su += e * vmax(x, floor);
+      Vec<acc_t> sum{};
+      if constexpr (kStats) {
+        // differences clamped: 2^-2000 is 0 in float and double, so a clamped term has P = 0
+        // and adds 0 (a masked score's -inf would give 0 * -inf = NaN)
+        const Vec<acc_t> floor = vbroadcast(acc_t(-2000));
+        Vec<acc_t> su{};
+        for (int64_t n = 0; n < N; ++n) {
+          const Vec<acc_t> x = vload(col + n * bm) - shift;
+          const Vec<acc_t> e = vexp2(x);
+          vstore(col + n * bm, e);
+          sum += e;
+          su += e * vmax(x, floor);
+        }
+        acc_t* u = stats.u.data() + c;  // (with l before this tile)
+        vstore(u, a * (vload(u) + vload(l.data() + c) * vmax(m_old - shift, floor)) + su);
+      } else {
+        for (int64_t n = 0; n < N; ++n) {
+          const Vec<acc_t> e = vexp2(vload(col + n * bm) - shift);
+          vstore(col + n * bm, e);
+          sum += e;
+        }
       }
-      if (kStats)  // (with l before this tile)
-        vstore(u.data() + c, a * (vload(u.data() + c) + vload(l.data() + c) * vmax(m_old - shift, floor)) + su);
       vstore(m.data() + c, m_new);
       vstore(l.data() + c, vload(l.data() + c) * a + sum);
       vstore(alpha.data() + c, a);
@@ -202,8 +226,8 @@ struct FwdTile {
   }
 };
 
-template <typename scalar_t, typename acc_t, bool kStats>
-void attention_fwd_tiles(const CpuFwdParams& p) {
+template <typename scalar_t, typename acc_t, bool kStats = false>
+void attention_fwd(const FwdParams& p, void* stats_out = nullptr) {
   const int64_t m_blocks = (p.seqlen_q + kFwdBlockM - 1) / kFwdBlockM;
   const int64_t heads = p.batch * p.heads_q;
   // Items go out dynamically (parallel_items), head by head so that the
@@ -211,17 +235,9 @@ void attention_fwd_tiles(const CpuFwdParams& p) {
   // the last: under causal or window masks a block's cost grows with its
   // index, so the cheapest items come last and even out the tail.
   parallel_items(
-      heads * m_blocks, [&] { return std::make_unique<FwdTile<scalar_t, acc_t, kStats>>(p); },
+      heads * m_blocks, [&] { return std::make_unique<FwdTile<scalar_t, acc_t, kStats>>(p, stats_out); },
       [&](FwdTile<scalar_t, acc_t, kStats>& tile, int64_t it) {
         const int64_t m_block = m_blocks - 1 - it % m_blocks, bh = it / m_blocks;
         tile.run(bh / p.heads_q, bh % p.heads_q, m_block);
       });
-}
-
-template <typename scalar_t, typename acc_t>
-void attention_fwd(const CpuFwdParams& p) {
-  if (p.stats)
-    attention_fwd_tiles<scalar_t, acc_t, true>(p);
-  else
-    attention_fwd_tiles<scalar_t, acc_t, false>(p);
 }

@@ -47,19 +47,16 @@ constexpr int64_t kBwdBlockN = 64;   // backward: keys owned per tile
 constexpr int64_t kColAlign = 16;
 inline int64_t padded(int64_t n) { return (n + kColAlign - 1) / kColAlign * kColAlign; }
 
-// The CPU forward's parameters: the shared ones and its one extra output (the CUDA
-// kernels' FwdParams stay as they are).
-struct CpuFwdParams : FwdParams {
-  // (2, B, Hq, Lq) contiguous, accumulator type: per query row the entropy of its
-  // attention weights (nats) and its largest weight (attention_fwd.h); null: none.
-  void* stats = nullptr;
-};
-
 // Entry points of one variant; dtype selects the input type (float32,
 // float64, bfloat16, float16; accumulation in float32, float64 for float64).
+// attention_fwd_stats is the forward that also writes, to stats (2, B, Hq, Lq)
+// contiguous in the accumulator type, each query row's attention entropy
+// (nats) and largest weight (attention_fwd.h); it lives in its own file per
+// variant (kernels_<isa>_stats.cpp).
 #define EFFATTN_DECLARE_CPU_KERNELS(ns)                                     \
   namespace ns {                                                            \
-  void attention_fwd(torch::headeronly::ScalarType dtype, const CpuFwdParams& p); \
+  void attention_fwd(torch::headeronly::ScalarType dtype, const FwdParams& p); \
+  void attention_fwd_stats(torch::headeronly::ScalarType dtype, const FwdParams& p, void* stats); \
   void attention_bwd(torch::headeronly::ScalarType dtype, const BwdParams& p); \
   }
 EFFATTN_DECLARE_CPU_KERNELS(baseline)

@@ -1,0 +1,4 @@
+// The avx2_wide variant's forward with attention statistics (attention_fwd.h, kStats), in a
+// translation unit of its own so that kernels_avx2_wide.cpp compiles exactly as without it.
+#define EFFATTN_STATS_PART 1
+#include "kernels_avx2_wide.cpp"

@@ -1,0 +1,4 @@
+// The baseline variant's forward with attention statistics (attention_fwd.h, kStats), in a
+// translation unit of its own so that kernels_baseline.cpp compiles exactly as without it.
+#define EFFATTN_STATS_PART 1
+#include "kernels_baseline.cpp"
