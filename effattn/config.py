@@ -24,6 +24,10 @@ OPTIONS = {
     # The Triton forward's interior K/V loads through tensor descriptors (TMA, Hopper+); never run
     # on a GPU yet, so off by default.
     "triton_tma": ("EFFATTN_TRITON_TMA", "0", ("0", "1")),
+    # The Triton forward's attention statistics (effattn.diagnostics.attention_stats) on CUDA
+    # tensors: tested under Triton's interpreter and compiled for sm_90, never run on a GPU yet,
+    # so off by default there (the interpreter always serves them).
+    "triton_stats": ("EFFATTN_TRITON_STATS", "0", ("0", "1")),
     # The Hopper CUDA kernels (wgmma + TMA), built only with EFFATTN_UNVERIFIED=1: "1" where they
     # can run, "require" turns a call they cannot take into an error (for tests).
     "cuda_sm90": ("EFFATTN_CUDA_SM90", "0", ("0", "1", "require")),
@@ -35,6 +39,7 @@ OPTIONS = {
 cpu_isa: str
 triton_fp32: str
 triton_tma: str
+triton_stats: str
 cuda_sm90: str
 cuda_sm90_bwd: str
 cuda_bwd_tiles: str

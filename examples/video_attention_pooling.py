@@ -114,11 +114,16 @@ def run(args, scenario, prototypes, test_set):
     frames, lengths, labels = (t[:args.batch] for t in test_set)  # the clips check() looks at
     probe = ((frames, lengths), labels)
     report_start = check(model, probe, F.cross_entropy)  # changes nothing in the model
-    losses, grad_norms, t0 = [], None, time.perf_counter()
+    # effattn's pooling records its attention statistics on every training step (the same kernel
+    # call): how many frames each clip's query spreads over, as exp(entropy)
+    recorded = effattn.nn.record_attention_stats(model)
+    losses, grad_norms, attention, t0 = [], None, [], time.perf_counter()
     for step in range(args.steps):
         frames, lengths, labels = make_clips(args.batch, args.max_frames, args.frame_dim, prototypes, gen,
                                              events=args.events)
         loss = F.cross_entropy(model(frames, lengths), labels)
+        if recorded:
+            attention.append(dict(model.pool.last_stats.summary(), frames=lengths.double().mean().item()))
         opt.zero_grad()
         loss.backward()
         if grad_norms is None:
@@ -126,6 +131,7 @@ def run(args, scenario, prototypes, test_set):
         opt.step()
         losses.append(loss.item())
     seconds = time.perf_counter() - t0
+    effattn.nn.record_attention_stats(model, False)
     report_end = check(model, probe, F.cross_entropy)
 
     model.eval()
@@ -137,7 +143,7 @@ def run(args, scenario, prototypes, test_set):
         pad_mass = (weights * padded.unsqueeze(1)).sum(-1).mean().item()
         # the same clips with 16 more frames of padding, as in a batch that holds a longer clip
         longer = model(F.pad(frames, (0, 0, 0, 16)), lengths)
-    return dict(losses=losses, grad_norms=grad_norms, seconds=seconds,
+    return dict(losses=losses, grad_norms=grad_norms, seconds=seconds, attention=attention,
                 test_loss=F.cross_entropy(logits, labels).item(),
                 test_acc=(logits.argmax(1) == labels).float().mean().item(),
                 test_acc_padded=(longer.argmax(1) == labels).float().mean().item(),
@@ -168,6 +174,14 @@ def main(argv=None):
         print(f"{name:8s}  {sum(r['losses'][:k]) / k:6.3f} -> {sum(r['losses'][-k:]) / k:6.3f}"
               f"             {r['test_loss']:9.3f}  {r['test_acc']:8.3f}  {r['pad_mass']:20.3f}"
               f"  {r['test_acc_padded']:30.3f}, {r['padding_change']:16.2e}  {r['seconds']:4.1f} s")
+    att = results["effattn"]["attention"]
+    print(f"\neffattn's pooling while it trains (effattn.nn.record_attention_stats; mean over the batch's clips,"
+          f" first/last {k} steps): entropy {sum(a['entropy'] for a in att[:k]) / k:.2f} -> "
+          f"{sum(a['entropy'] for a in att[-k:]) / k:.2f} nats, effective frames "
+          f"{sum(a['effective_keys'] for a in att[:k]) / k:.1f} -> {sum(a['effective_keys'] for a in att[-k:]) / k:.1f}"
+          f" (of {sum(a['frames'] for a in att[:k]) / k:.1f} -> {sum(a['frames'] for a in att[-k:]) / k:.1f} valid),"
+          f" largest weight "
+          f"{sum(a['max_weight'] for a in att[:k]) / k:.2f} -> {sum(a['max_weight'] for a in att[-k:]) / k:.2f}")
     for name in ("scenario", "effattn"):
         print(f"\n--- {name}: effattn.diagnostics.check() on {args.batch} test clips, before training ---\n"
               f"{results[name]['report_start']}")

@@ -249,3 +249,16 @@ def test_attention_pooling_records_stats_on_request():
     torch.testing.assert_close(pool.last_stats.entropy.double(), -torch.special.xlogy(w, w).sum(-1),
                                rtol=1e-5, atol=1e-6)
     assert (pool.last_stats.max_weight[2] == 0).all() and (pool.last_stats.effective_keys[2] == 0).all()
+
+
+def test_triton_serves_stats_on_a_gpu_only_when_enabled(monkeypatch):
+    """The Triton stats have run under the interpreter only: on CUDA tensors the backend refuses
+    them, in words, unless effattn.config.triton_stats = "1" (and plain calls are not affected)."""
+    q, k, v = make_qkv(requires_grad=False)
+    with_stats, plain = effattn.make_spec(q, k, v, return_stats=True), effattn.make_spec(q, k, v)
+    monkeypatch.setattr(S.AttentionSpec, "device_type", property(lambda self: "cuda"))
+    backend = BY_NAME["triton"]
+    assert any("attention statistics have not yet run on a GPU" in r for r in backend.limits(with_stats))
+    assert backend.limits(plain) == []
+    monkeypatch.setattr(effattn.config, "triton_stats", "1")
+    assert backend.limits(with_stats) == []

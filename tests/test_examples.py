@@ -67,6 +67,13 @@ def test_video_pooling_example(capsys):
     assert res["effattn"]["pad_mass"] == 0.0 and res["effattn"]["padding_change"] == 0.0
     # the scenario's module does put weight on padding, and its outputs depend on it
     assert res["scenario"]["pad_mass"] > 0.01 and res["scenario"]["padding_change"] > 1e-3
+    # effattn's pooling recorded its attention statistics on every training step: as it learns which
+    # frame carries the class, its attention narrows (fewer effective frames, a larger largest weight)
+    att = res["effattn"]["attention"]
+    assert len(att) == 60 and res["scenario"]["attention"] == []
+    assert mean([a["effective_keys"] for a in att[-10:]]) < 0.5 * mean([a["effective_keys"] for a in att[:10]])
+    assert mean([a["max_weight"] for a in att[-10:]]) > mean([a["max_weight"] for a in att[:10]])
+    assert "effattn's pooling while it trains" in printed
     # the diagnostics report of both poolings, before and after training: the GRU gets gradient at every step
     for name in ("scenario", "effattn"):
         assert f"--- {name}: effattn.diagnostics.check()" in printed

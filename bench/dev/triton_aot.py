@@ -108,6 +108,8 @@ VARIANTS = [
     ("head dim 72, padded to 128", "bf16", 72, {}),
     ("value dim 64, head dim 128", "bf16", 128, dict(HEAD_DIM_V=64)),
     ("everything, fp16 at 40", "fp16", 40, dict(MASK_KIND=2, HAS_KEY_LENGTHS=True, HAS_QUERY_LENGTHS=True)),
+    ("fp32 ieee, mask, lengths", "fp32", 128,
+     dict(PRECISION="ieee", MASK_KIND=2, HAS_KEY_LENGTHS=True, HAS_QUERY_LENGTHS=True)),
     ("attention stats (forward only)", "bf16", 128, dict(STATS=True)),
     ("attention stats, fp32 ieee, mask, lengths", "fp32", 128,
      dict(STATS=True, PRECISION="ieee", MASK_KIND=2, HAS_KEY_LENGTHS=True, HAS_QUERY_LENGTHS=True)),

@@ -10,7 +10,8 @@ inputs use TF32 tensor-core matmuls by default (as
 ``torch.backends.cuda.matmul.allow_tf32 = True`` would); ``config.triton_fp32 =
 "ieee"`` (or ``set_float32_precision("ieee")``) for exact float32; and
 ``config.triton_tma = "1"`` the forward's tensor-descriptor (TMA) loads on
-Hopper, not yet run on a GPU, so off by default.
+Hopper, not yet run on a GPU, so off by default; likewise the attention
+statistics on CUDA tensors (``config.triton_stats = "1"``).
 """
 from __future__ import annotations
 
@@ -81,6 +82,13 @@ class TritonBackend(Backend):
             return [_INTERPRETER_PROBLEM]
         if "cpu" not in self.devices and not torch.cuda.is_available():
             return ["no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"]
+        return []
+
+    def limits(self, spec):
+        if spec.features & S.STATS and spec.device_type == "cuda" and \
+                config.checked("triton_stats", config.triton_stats) != "1":
+            return ["its attention statistics have not yet run on a GPU (tested under Triton's interpreter; "
+                    "effattn.config.triton_stats = '1' or EFFATTN_TRITON_STATS=1 enables them)"]
         return []
 
     def variant_bits(self, spec) -> int:
