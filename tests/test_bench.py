@@ -170,6 +170,19 @@ def test_diagnostics_overhead_quick(tmp_path):
         assert row["layers"] >= 3  # the recorder saw the models' layers
     assert saved["rows"][1]["sequences"] == 1  # the LSTM's input, through time
 
+
+@linux_only
+def test_attention_stats_bench_quick(tmp_path):
+    import attention_stats
+
+    attention_stats.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "attention-stats-cpu-quick.json").read_text())
+    _check_meta(saved)
+    assert len(saved["rows"]) == 4
+    for row in saved["rows"]:
+        assert row["forward_ms"] > 0 and row["forward+stats_ms"] > 0 and row["ratio"] > 0
+    assert all("peak_growth_bytes" in r for r in saved["rows"] if r["dtype"] == "float32")
+
 # ---------------------------------------------------------------------------
 # bench/context_parallel.py (issue 20)
 # ---------------------------------------------------------------------------
