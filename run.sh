@@ -18,7 +18,7 @@ print(os.path.realpath(s.submodule_search_locations[0]) if s else "")')
 
 install() {
   # setuptools >= 70.1 (bdist_wheel built in): the build requirement --no-build-isolation skips.
-  "$PY" -m pip install -q "torch>=2.10" ninja pytest numpy "setuptools>=70.1"
+  "$PY" -m pip install -q "torch>=2.10" ninja pytest numpy hypothesis "setuptools>=70.1"
   if [[ -z "${CUDA_HOME:-}" && -d /usr/local/cuda ]]; then
     export CUDA_HOME=/usr/local/cuda  # torch's cpp_extension guesses /usr/local otherwise
   fi

@@ -18,6 +18,8 @@ Environment:
                            Hopper kernels (wgmma + TMA, with 9.0a in the arch list; never run on a
                            GPU) and the test-only CPU variant avx2_wide. CI sets it, so they keep
                            compiling; the default build (and the wheel) holds only verified code.
+  EFFATTN_SANITIZE=1       AddressSanitizer + UndefinedBehaviorSanitizer on the C++ code (with
+                           EFFATTN_CPU_ONLY=1; run with libasan preloaded, as .ci/run does)
   DEBUG=1                  -O0 -g
   MAX_JOBS                 parallel compile jobs (ninja)
 """
@@ -37,6 +39,7 @@ cpp_extension.min_supported_cpython = "0x03090000"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("DEBUG", "0") == "1"
 UNVERIFIED = os.environ.get("EFFATTN_UNVERIFIED", "0") == "1"
+SANITIZE = os.environ.get("EFFATTN_SANITIZE", "0") == "1"
 FACTS = runpy.run_path(os.path.join(ROOT, "effattn", "build_facts.py"))  # plain constants, no imports
 TORCH_TARGET = "-DTORCH_TARGET_VERSION=0x020a000000000000"  # stable ABI of torch 2.10
 
@@ -54,6 +57,12 @@ def extension():
     cxx += ["-std=c++17", "-fvisibility=hidden", "-fno-trapping-math", "-ffp-contract=fast", TORCH_TARGET,
             "-DEFFATTN_PYTHON_MODULE"]
     cxx += ["-DEFFATTN_CPU_AVX2_WIDE=1"] if UNVERIFIED else []
+    # AddressSanitizer + UndefinedBehaviorSanitizer on the C++ code (a CPU-only test build: the
+    # process must preload libasan, .ci/run shows how); UBSan's float-divide-by-zero stays off
+    # (the kernels' IEEE infinities are meant), and every report aborts.
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize=float-divide-by-zero",
+                "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"] if SANITIZE else []
+    cxx += sanitize
     sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
     # csrc/cuda/dev/ holds GPU-side diagnostics and host checks, not part of the module.
     cuda_sources = [s for s in rel("csrc/cuda/**/*.cu") + rel("csrc/cuda/**/*.cpp")
@@ -72,7 +81,7 @@ def extension():
     use_cuda = bool(cuda_sources) and CUDA_HOME is not None and os.environ.get("EFFATTN_CPU_ONLY", "0") != "1"
     common = dict(name="effattn._C", include_dirs=[os.path.join(ROOT, "csrc")], py_limited_api=True)
     if not use_cuda:
-        return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)
+        return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, extra_link_args=sanitize, **common)
     nvcc = (["-O0", "-g", "-lineinfo"] if DEBUG else ["-O3", "-lineinfo"]) + [
         "-std=c++17", TORCH_TARGET, "--use_fast_math", "--expt-relaxed-constexpr",
     ] + cuda_defines

@@ -58,7 +58,8 @@ def reference_forward(spec: AttentionSpec, compute_dtype: Optional[torch.dtype] 
     scores = scores.masked_fill(~structure_mask(spec), float("-inf"))
     # Softmax that gives zeros (not NaN) for rows without any visible key. The
     # row max is detached: softmax and lse do not depend on it mathematically.
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = (scores.amax(dim=-1, keepdim=True) if scores.shape[-1]  # (no keys at all: every row is empty)
+               else scores.new_full((*scores.shape[:-1], 1), float("-inf"))).detach()
     row_max = row_max.masked_fill(torch.isinf(row_max), 0.0)
     e = torch.exp(scores - row_max)
     denom = e.sum(dim=-1, keepdim=True)

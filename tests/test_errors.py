@@ -44,12 +44,17 @@ CASES = [
 ]
 
 
+ENTRIES = {"attention": effattn.attention, "attention_stats": effattn.diagnostics.attention_stats}
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("desc,kw,exc,pattern", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(desc, kw, exc, pattern):
+def test_bad_input(entry, desc, kw, exc, pattern):
+    """Every public entry that takes attention's arguments gives the same errors."""
     args = dict(query=q, key=k, value=v)
     args.update(kw)
     with pytest.raises(exc, match=pattern):
-        effattn.attention(**args)
+        ENTRIES[entry](**args)
 
 
 def test_device_mismatch():
@@ -120,3 +125,46 @@ def test_raw_ops_check_devices(family):
         fwd(q, k, v, None, meta, None, 0.25, None, None, variant)
     with pytest.raises(RuntimeError, match=r"lse is on meta but query is on cpu"):
         bwd(*_raw_backward_args(variant, lse=torch.empty(2, 4, 8, device="meta")))
+
+
+def _forward_op(name):
+    """A forward op by name, with its variant: the C++ fwd / fwd_stats or the Triton ones."""
+    if name.startswith("triton"):
+        pytest.importorskip("triton")
+        from effattn.triton import ops as triton_ops  # noqa: F401 (registers the ops)
+        return getattr(torch.ops.effattn, name), 0
+    return getattr(torch.ops.effattn, name), cpu_variant()
+
+
+@pytest.mark.parametrize("name", ["fwd", "fwd_stats", "triton_fwd", "triton_fwd_stats"])
+@pytest.mark.parametrize("change,pattern", [
+    (dict(k=torch.randn(2, 4, 10, 8)), r"key\.size\(3\) = 8 but expected 16"),
+    (dict(v=torch.randn(2, 4, 9, 16)), r"value\.size\(2\) = 9 but expected 10"),
+    (dict(k=torch.randn(3, 4, 10, 16), v=torch.randn(3, 4, 10, 16)), r"key\.size\(0\) = 3 but expected 2"),
+    (dict(k=torch.randn(2, 3, 10, 16), v=torch.randn(2, 3, 10, 16)), r"query heads \(4\) must be a multiple of"),
+    (dict(q=torch.randn(2, 4, 16, 8).transpose(2, 3)), r"query must have a contiguous last dimension"),
+    (dict(q=torch.randn(4, 8, 16)), r"query must be 4-D"),
+    (dict(k=k.double(), v=v.double()), r"same dtype"),
+    (dict(mask=torch.ones(2, 4, 8, 9, dtype=torch.bool)),
+     r"attn_mask must be a 4-D broadcast view of \(2, 4, 8, 10\)|attn_mask\.size\(3\) = 9 but expected 10"),
+    (dict(mask=torch.ones(2, 4, 8, 10, dtype=torch.int32)), r"attn_mask must be bool, float32 or the dtype of query"),
+    (dict(key_lengths=torch.tensor([3.0, 4.0])), r"key_lengths must be int64"),
+    (dict(query_lengths=torch.tensor([3, 4, 5])), r"query_lengths must (be int64 of|have) shape \(2,\)"),
+], ids=["head dim", "value length", "batch", "heads", "stride", "rank", "dtype", "mask shape", "mask dtype",
+        "lengths dtype", "lengths shape"])
+def test_raw_forward_ops_check_their_tensors(name, change, pattern):
+    """Called directly, every forward op refuses inconsistent tensors with a RuntimeError naming
+    the argument (the C++ ops in csrc/host_params.h, the Triton ones in effattn/ops.py), never a
+    crash or an out-of-bounds read."""
+    op, variant = _forward_op(name)
+    args = dict(q=q, k=k, v=v, mask=None, key_lengths=None, query_lengths=None)
+    args.update(change)
+    with pytest.raises(RuntimeError, match=pattern):
+        op(*args.values(), 0.25, None, None, variant)
+
+
+@pytest.mark.parametrize("name", ["fwd", "fwd_stats"])
+def test_raw_cpu_ops_refuse_an_unknown_variant(name):
+    op, _ = _forward_op(name)
+    with pytest.raises(RuntimeError, match=r"kernel variant 99 \(unknown\) is not in this build"):
+        op(q, k, v, None, None, None, 0.25, None, None, 99)
