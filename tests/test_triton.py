@@ -331,12 +331,12 @@ def test_compile_traces_the_kernels_and_its_graphs_run_interpreted():
     @triton.jit kernels into the graphs (a stub driver answers torch's IR analysis
     as sm_90), then runs the compiled graphs with each kernel interpreted, against
     the float64 oracle: causal, GQA, lengths, masks, window, a strided layout,
-    split keys, gradients through the LSE, and dynamic shapes (two lengths, one
-    graph). Eager launches fail in that process, so no case passes by falling back.
+    split keys, gradients through the LSE, dynamic shapes (two lengths, one
+    graph) and attention_stats with its output. Eager launches fail in that process, so no case passes by falling back.
     Inductor's code generation is left to the GPU test."""
     import json
     results = json.loads(run_script("triton_compiled_on_cpu.py").strip().splitlines()[-1])
-    assert len(results) == 6, list(results)
+    assert len(results) == 7, list(results)
     for case, got in results.items():
         assert got["result"] == "ok", f"{case}:\n{got['result']}"
         assert len(got["graphs"]) == 2, f"{case}: {len(got['graphs'])} graphs (a recompile?)"
@@ -344,8 +344,11 @@ def test_compile_traces_the_kernels_and_its_graphs_run_interpreted():
         split = "split keys" in case
         assert forward == ["attn_fwd_kernel"] + (["merge_splits_kernel"] if split else []), (case, forward)
         assert backward == ["bwd_preprocess_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel"], (case, backward)
+        stats = case.startswith("attention statistics")  # the forward's third output
         for name, writes in got["graphs"][0] + got["graphs"][1]:
-            assert writes == KERNEL_WRITES[name], f"{case}: torch.compile finds {name} writing {writes}"
+            want = sorted(KERNEL_WRITES[name] + ["STATS_OUT"]) if stats and name == "attn_fwd_kernel" \
+                else KERNEL_WRITES[name]
+            assert writes == want, f"{case}: torch.compile finds {name} writing {writes}"
 
 
 @needs_gpu

@@ -202,6 +202,36 @@ def cases():
     yield "return_lse, gradient through the LSE", lambda: check_lse_gradients(
         *mk(B=2, Hq=2, L=20, S=28, E=16), is_causal=True, key_lengths=torch.tensor([28, 9]))
     yield "dynamic=True, two lengths through one graph", dynamic_case
+    yield "attention statistics with the output (attention_stats), causal, key lengths", stats_case
+
+
+def stats_case():
+    """effattn.diagnostics.attention_stats(..., return_output=True) compiled: the stats kernel's
+    extra output, the stats against the float64 softmax, out and its gradients against the oracle."""
+    from effattn.diagnostics import attention_stats
+    from effattn.reference import reference_forward
+
+    kl = torch.tensor([33, 10])
+    kw = dict(is_causal=True, key_lengths=kl)
+    fn = torch.compile(lambda q, k, v: attention_stats(q, k, v, backend="triton", return_output=True, **kw),
+                       fullgraph=True, backend=aot_interpreted)
+    q, k, v = conftest.make_qkv(B=2, Hq=2, L=40, S=33, E=16)
+    out, stats = fn(q, k, v)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(g)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    leaves32 = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out64 = reference.attention(*leaves64, compute_dtype=torch.float64, **kw)
+    out32 = reference.attention(*leaves32, **kw)
+    out64.backward(g.double())
+    out32.backward(g)
+    conftest.assert_bound("out", out.detach(), out32.detach(), out64.detach(), torch.float32)
+    for name, a, b, c in zip(("dq", "dk", "dv"), (q, k, v), leaves32, leaves64):
+        conftest.assert_bound(name, a.grad, b.grad, c.grad, torch.float32)
+    spec = effattn.make_spec(*(t.detach() for t in leaves64), return_stats=True, **kw)
+    want = reference_forward(spec, torch.float64)[2]
+    torch.testing.assert_close(stats.entropy.double(), want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.max_weight.double(), want[1], rtol=1e-5, atol=1e-6)
 
 
 def dynamic_case():
