@@ -80,6 +80,8 @@ def extension():
         cuda_defines = ["-DEFFATTN_CUDA_SELECTED_HDIMS"] + [f"-DEFFATTN_CUDA_HDIM_{d}" for d in head_dims]
     use_cuda = bool(cuda_sources) and CUDA_HOME is not None and os.environ.get("EFFATTN_CPU_ONLY", "0") != "1"
     common = dict(name="effattn._C", include_dirs=[os.path.join(ROOT, "csrc")], py_limited_api=True)
+    if SANITIZE and use_cuda:
+        raise SystemExit("setup.py: EFFATTN_SANITIZE=1 instruments the CPU build only; set EFFATTN_CPU_ONLY=1 too")
     if not use_cuda:
         return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, extra_link_args=sanitize, **common)
     nvcc = (["-O0", "-g", "-lineinfo"] if DEBUG else ["-O3", "-lineinfo"]) + [

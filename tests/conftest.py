@@ -83,6 +83,14 @@ def _mask64(kw):
     return kw
 
 
+def oracle_stats(q, k, v, **kw):
+    """(entropy, max_weight) per query row, in the caller's shape, of the float64 materialised
+    softmax of the same (rounded) inputs: the oracle of effattn.diagnostics.attention_stats."""
+    spec = effattn.make_spec(*(t.detach().double() for t in (q, k, v)), return_stats=True, **_mask64(kw))
+    stats = reference.reference_forward(spec, torch.float64)[2]
+    return spec.to_caller_shape(stats[0]), spec.to_caller_shape(stats[1])
+
+
 def on_device(device, *tensors):
     """Copies of CPU test tensors on the backend's device: leaves keep
     requires_grad, other tensors (masks, lengths) are moved as they are."""

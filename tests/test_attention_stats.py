@@ -9,28 +9,16 @@ import torch
 import torch.nn.attention.bias as sdpa_bias
 
 import effattn
-from conftest import largest_allocation, make_qkv, on_device, skip_unless_served
+from conftest import largest_allocation, make_qkv, on_device, oracle_stats, skip_unless_served
 from effattn import spec as S
 from effattn.backends import BY_NAME
 from effattn.diagnostics import AttentionStats, attention_stats
-from effattn.reference import reference_forward
 
 # Relative error of the float32 kernels against the float64 softmax of the same inputs (the
 # issue's bound), with an absolute floor for the rounding of near-zero entropies (a row whose
 # weight is all on one key: float32 sums of ~1 + 1e-7 carry an error of ~1e-7).
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 ATOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-6, torch.float16: 1e-6}
-
-
-def _oracle(q, k, v, **kw):
-    """(entropy, max_weight) of the float64 materialised softmax of the same (rounded) inputs."""
-    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
-    m = kw.get("attn_mask")
-    if isinstance(m, torch.Tensor) and m.dtype != torch.bool and not isinstance(m, sdpa_bias.CausalBias):
-        kw = dict(kw, attn_mask=m.double())
-    spec = effattn.make_spec(q64, k64, v64, return_stats=True, **kw)
-    _, _, stats = reference_forward(spec, torch.float64)
-    return spec.to_caller_shape(stats[0]), spec.to_caller_shape(stats[1])
 
 
 def _cases(L, S_):
@@ -57,7 +45,7 @@ def _check(backend, q, k, v, **kw):
     stats = attention_stats(qd, kd, vd, backend=str(backend),
                             **{n: on_device(device, x) for n, x in kw.items()})
     assert isinstance(stats, AttentionStats)
-    entropy_ref, max_ref = _oracle(q, k, v, **kw)
+    entropy_ref, max_ref = oracle_stats(q, k, v, **kw)
     dtype = q.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     for name, got, want in (("entropy", stats.entropy, entropy_ref), ("max_weight", stats.max_weight, max_ref)):

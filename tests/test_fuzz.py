@@ -21,10 +21,10 @@ import torch
 import torch.nn.attention.bias as sdpa_bias
 
 import effattn
-from conftest import BackendCase, check_against_oracle, cpu_isa_runs_here, on_device
+from conftest import BackendCase, _mask64, check_against_oracle, cpu_isa_runs_here, on_device, oracle_stats
 from effattn import spec as S
 from effattn.backends import BY_NAME
-from effattn.reference import reference_forward
+from effattn import reference
 
 hypothesis = pytest.importorskip("hypothesis", reason="the fuzzer needs hypothesis (pip install hypothesis)")
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
@@ -125,19 +125,12 @@ def _check_lse(backend, q, k, v, kw):
     device = backend.device
     _, lse = effattn.attention(*on_device(device, q.detach(), k.detach(), v.detach()), backend=str(backend),
                                return_lse=True, **{n: on_device(device, x) for n, x in kw.items()})
-    spec = effattn.make_spec(*(t.detach().double() for t in (q, k, v)), **_mask64(kw))
-    want = spec.to_caller_shape(reference_forward(spec, torch.float64)[1])
+    _, want = reference.attention(*(t.detach().double() for t in (q, k, v)), compute_dtype=torch.float64,
+                                  return_lse=True, **_mask64(kw))
     finite = torch.isfinite(want)
     assert torch.equal(torch.isfinite(lse.cpu()), finite), "lse: -inf rows differ"
     tol = 1e-9 if q.dtype == torch.float64 else 2e-3
     torch.testing.assert_close(lse.cpu().double()[finite], want[finite], rtol=tol, atol=tol)
-
-
-def _mask64(kw):
-    m = kw.get("attn_mask")
-    if isinstance(m, torch.Tensor) and m.dtype != torch.bool and not isinstance(m, sdpa_bias.CausalBias):
-        return dict(kw, attn_mask=m.double())
-    return kw
 
 
 def _check_stats(backend, q, k, v, kw):
@@ -146,11 +139,10 @@ def _check_stats(backend, q, k, v, kw):
     device = backend.device
     stats = effattn.diagnostics.attention_stats(*on_device(device, q, k, v), backend=str(backend),
                                                 **{n: on_device(device, x) for n, x in kw.items()})
-    spec = effattn.make_spec(*(t.detach().double() for t in (q, k, v)), return_stats=True, **_mask64(kw))
-    want = reference_forward(spec, torch.float64)[2]
+    entropy, max_weight = oracle_stats(q, k, v, **kw)
     tol = 1e-9 if q.dtype == torch.float64 else 1e-4  # (bf16 / fp16: the same rounded inputs, float32 math)
-    torch.testing.assert_close(stats.entropy.cpu().double(), spec.to_caller_shape(want[0]), rtol=tol, atol=tol)
-    torch.testing.assert_close(stats.max_weight.cpu().double(), spec.to_caller_shape(want[1]), rtol=tol, atol=tol)
+    torch.testing.assert_close(stats.entropy.cpu().double(), entropy, rtol=tol, atol=tol)
+    torch.testing.assert_close(stats.max_weight.cpu().double(), max_weight, rtol=tol, atol=tol)
 
 
 def _fuzz(backend, examples, small, dtypes=tuple(DTYPES)):

@@ -65,45 +65,34 @@ Isa checked_isa(int64_t variant) {
   return static_cast<Isa>(variant);
 }
 
-void run_fwd(Isa isa, ScalarType dtype, const FwdParams& p) {
-  switch (isa) {
-#if EFFATTN_X86_VARIANTS
-    case Isa::kAvx512: avx512::attention_fwd(dtype, p); break;
-    case Isa::kAvx2: avx2::attention_fwd(dtype, p); break;
-#if EFFATTN_CPU_AVX2_WIDE
-    case Isa::kAvx2Wide: avx2_wide::attention_fwd(dtype, p); break;
-#endif
-#endif
-    default: baseline::attention_fwd(dtype, p); break;
-  }
-}
+// Each variant's entry points (kernels.h), by Isa value; a variant this build lacks has the
+// baseline's (checked_isa never lets a call ask for one).
+struct Kernels {
+  void (*fwd)(ScalarType, const FwdParams&);
+  void (*fwd_stats)(ScalarType, const FwdParams&, void*);  // the forward with attention statistics
+  void (*bwd)(ScalarType, const BwdParams&);
+};
+#define EFFATTN_KERNELS_OF(ns) \
+  Kernels { &ns::attention_fwd, &ns::attention_fwd_stats, &ns::attention_bwd }
 
-void run_bwd(Isa isa, ScalarType dtype, const BwdParams& p) {
-  switch (isa) {
+const Kernels& kernels(Isa isa) {
+  static const Kernels table[] = {
+      EFFATTN_KERNELS_OF(baseline),  // Isa::kBaseline
 #if EFFATTN_X86_VARIANTS
-    case Isa::kAvx512: avx512::attention_bwd(dtype, p); break;
-    case Isa::kAvx2: avx2::attention_bwd(dtype, p); break;
-#if EFFATTN_CPU_AVX2_WIDE
-    case Isa::kAvx2Wide: avx2_wide::attention_bwd(dtype, p); break;
+      EFFATTN_KERNELS_OF(avx2),    // Isa::kAvx2
+      EFFATTN_KERNELS_OF(avx512),  // Isa::kAvx512
+#else
+      EFFATTN_KERNELS_OF(baseline), EFFATTN_KERNELS_OF(baseline),
 #endif
+#if EFFATTN_X86_VARIANTS && EFFATTN_CPU_AVX2_WIDE
+      EFFATTN_KERNELS_OF(avx2_wide),  // Isa::kAvx2Wide
+#else
+      EFFATTN_KERNELS_OF(baseline),
 #endif
-    default: baseline::attention_bwd(dtype, p); break;
-  }
+  };
+  return table[static_cast<int64_t>(isa)];
 }
-
-// The forward that also writes each query row's attention statistics (kernels.h).
-void run_fwd_stats(Isa isa, ScalarType dtype, const FwdParams& p, void* stats) {
-  switch (isa) {
-#if EFFATTN_X86_VARIANTS
-    case Isa::kAvx512: avx512::attention_fwd_stats(dtype, p, stats); break;
-    case Isa::kAvx2: avx2::attention_fwd_stats(dtype, p, stats); break;
-#if EFFATTN_CPU_AVX2_WIDE
-    case Isa::kAvx2Wide: avx2_wide::attention_fwd_stats(dtype, p, stats); break;
-#endif
-#endif
-    default: baseline::attention_fwd_stats(dtype, p, stats); break;
-  }
-}
+#undef EFFATTN_KERNELS_OF
 
 }  // namespace
 }  // namespace cpu
@@ -117,7 +106,7 @@ std::tuple<Tensor, Tensor> fwd_cpu(Tensor q, Tensor k, Tensor v, std::optional<T
   const cpu::Isa isa = cpu::checked_isa(variant);
   FwdCall call = make_fwd_call(q, k, v, mask, key_lengths, query_lengths, scale, window_left,
                                window_right);
-  cpu::run_fwd(isa, q.scalar_type(), call.params);
+  cpu::kernels(isa).fwd(q.scalar_type(), call.params);
   return {call.out, call.lse};
 }
 
@@ -134,7 +123,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_stats_cpu(Tensor q, Tensor k, Tensor v, s
   const FwdParams& p = call.params;
   Tensor stats = torch::stable::new_empty(q, {2, p.batch, p.heads_q, p.seqlen_q},
                                           accum_dtype(q.scalar_type()));
-  cpu::run_fwd_stats(isa, q.scalar_type(), p, stats.mutable_data_ptr());
+  cpu::kernels(isa).fwd_stats(q.scalar_type(), p, stats.mutable_data_ptr());
   return {call.out, call.lse, stats};
 }
 
@@ -163,7 +152,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(
       q, {p.num_key_splits, p.batch, p.heads_q, p.seqlen_q, cpu::padded(p.head_dim)}, acc);
   p.delta = delta.mutable_data_ptr();
   p.dq_accum = dq_accum.mutable_data_ptr();
-  cpu::run_bwd(isa, q.scalar_type(), p);
+  cpu::kernels(isa).bwd(q.scalar_type(), p);
   return {call.dq, call.dk, call.dv};
 }
 
