@@ -2,19 +2,26 @@
 backend selection as it runs for CUDA tensors, on a machine without a GPU.
 
 The spec reports device cuda:0 and the driver queries answer as an H100
-would; what dynamo itself asks of the CUDA runtime while tracing (RNG state,
-stream capture, the current stream, Triton capability) is answered too. The
+would (or a GPU of another compute capability: --capability 7.5); what
+dynamo itself asks of the CUDA runtime while tracing (RNG state, stream
+capture, the current stream, Triton capability) is answered too. The
 tensors stay on the CPU and nothing runs on a device: only the dispatch code
 (availability, compute capability, head dims, determinism, the walk to the
 reference) is traced. Prints one JSON object: per case, the backend eager
 dispatch picks and dynamo's graph-break count and reasons (or why a named
 backend is unavailable in this build).
 """
+import argparse
 import json
 import types
 import warnings
 
 import torch
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--capability", default="9.0", help="the pretend GPU's compute capability (9.0: an H100)")
+ARGS = parser.parse_args()
+MAJOR, MINOR = (int(x) for x in ARGS.capability.split("."))
 
 # Driver queries, opaque to dynamo as the real ones are (a call inside traced code
 # is a graph break unless effattn makes it a constant); is_available is a constant
@@ -23,9 +30,10 @@ opaque = torch._dynamo.disable
 torch.cuda.is_available = lambda: True
 torch.cuda.device_count = opaque(lambda: 1)
 torch.cuda.current_device = opaque(lambda: 0)
-torch.cuda.get_device_capability = opaque(lambda index=None: (9, 0))
+torch.cuda.get_device_capability = opaque(lambda index=None: (MAJOR, MINOR))
 torch.cuda.get_device_properties = opaque(lambda index=None: types.SimpleNamespace(
-    major=9, minor=0, multi_processor_count=132, shared_memory_per_block_optin=232448, name="H100 (pretend)"))
+    major=MAJOR, minor=MINOR, multi_processor_count=132, shared_memory_per_block_optin=232448,
+    name=f"sm_{MAJOR}{MINOR} (pretend)"))
 torch.cuda.get_rng_state = lambda *args, **kwargs: torch.zeros(16, dtype=torch.uint8)
 torch.cuda.set_rng_state = lambda *args, **kwargs: None
 import torch.cuda.graphs  # noqa: E402
@@ -50,9 +58,10 @@ def picker(backend, mask_grad=False):
 
 
 def main():
-    q = torch.randn(2, 4, 30, 64, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(2, 2, 26, 64, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(2, 2, 26, 64, dtype=torch.bfloat16, requires_grad=True)
+    dtype = torch.bfloat16 if MAJOR >= 8 else torch.float16  # (bf16 needs 8.0 in every GPU kernel)
+    q = torch.randn(2, 4, 30, 64, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 2, 26, 64, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 2, 26, 64, dtype=dtype, requires_grad=True)
     lengths = torch.tensor([26, 10])
     mask = torch.zeros(30, 26, requires_grad=True)
     warnings.simplefilter("ignore")  # the reference fallback's warning (eager only)

@@ -39,7 +39,7 @@ def _cases(L, S_):
 
 
 def _check(backend, q, k, v, **kw):
-    skip_unless_served(backend, q, k, v, **kw)
+    skip_unless_served(backend, q, k, v, return_stats=True, **kw)
     device = getattr(backend, "device", "cpu")
     qd, kd, vd = on_device(device, q, k, v)
     stats = attention_stats(qd, kd, vd, backend=str(backend),
@@ -91,7 +91,7 @@ def test_peaked_and_uniform_rows_have_the_known_answers(backend):
     k = torch.ones(1, 1, S_, 8)
     v = torch.randn(1, 1, S_, 8)
     device = getattr(backend, "device", "cpu")
-    skip_unless_served(backend, q, k, v)
+    skip_unless_served(backend, q, k, v, return_stats=True)
     stats = attention_stats(*on_device(device, q, k, v), backend=str(backend))
     torch.testing.assert_close(stats.entropy.cpu(), torch.full((1, 1, 3), math.log(S_)), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(stats.max_weight.cpu(), torch.full((1, 1, 3), 1 / S_), rtol=1e-6, atol=0)
@@ -108,7 +108,7 @@ def test_output_comes_with_the_stats_and_is_attentions(backend):
     with its gradients; the stats carry no gradient."""
     kw = dict(is_causal=True, key_lengths=torch.tensor([45, 20]))
     q, k, v = make_qkv(B=2, Hq=2, L=37, S=45, E=16)
-    skip_unless_served(backend, q, k, v, **kw)
+    skip_unless_served(backend, q, k, v, return_stats=True, **kw)
     device = getattr(backend, "device", "cpu")
     kwd = {n: on_device(device, x) for n, x in kw.items()}
     qa, ka, va = on_device(device, q, k, v)

@@ -137,6 +137,12 @@ def test_compile_dispatch_for_cuda_tensors_without_graph_breaks():
     pytest.importorskip("triton")
     stdout = run_script("dispatch_as_cuda.py", timeout=600)  # (no interpreter: the GPU's backend list)
     results = json.loads(stdout.strip().splitlines()[-1])
+    # and as a T4 (compute capability 7.5) would: effattn's kernels decline, PyTorch's
+    # memory-efficient kernel serves (float16; bfloat16 needs 8.0 there)
+    t4 = json.loads(run_script("dispatch_as_cuda.py", "--capability", "7.5", timeout=600).strip().splitlines()[-1])
+    for case in ("auto", "auto, deterministic"):
+        assert t4[case].get("picked") == ("sdpa_efficient" if case == "auto" else "reference"), (case, t4[case])
+        assert t4[case]["graph_breaks"] == 0, (case, t4[case]["reasons"])
     expected = {"auto": ("triton", "cuda"), "auto, deterministic": ("triton",), "cuda": ("cuda",),
                 "triton": ("triton",), "walk to the reference": ("reference",)}
     for case, want in expected.items():
@@ -158,7 +164,10 @@ def test_backends_report():
     rep = effattn.backends(q, k, v, is_causal=True)
     # the CPU kernel first; Triton takes CPU tensors only under its interpreter (as in CI)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1" and not BY_NAME["triton"].unavailable_reasons()
-    assert rep.usable() == ["cpu", "triton", "reference"] if interpreted else ["cpu", "reference"]
+    # (sdpa_efficient serves CPU tensors when asked for by name, and says that auto passes it over)
+    assert rep.usable() == (["cpu", "triton", "sdpa_efficient", "reference"] if interpreted
+                            else ["cpu", "sdpa_efficient", "reference"])
+    assert "auto picks it only on CUDA GPUs below compute capability 8.0" in rep.variants["sdpa_efficient"]
     if not interpreted:
         assert any("cuda" in r.lower() for r in rep["triton"]), rep["triton"]
 

@@ -24,6 +24,7 @@ from .base import Backend
 from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .reference import ReferenceBackend
+from .sdpa_efficient import SdpaEfficientBackend
 from .triton import TritonBackend
 
 # Fastest first for each device. CUDA tensors: the Triton kernels measured
@@ -31,7 +32,9 @@ from .triton import TritonBackend
 # triton-gpu.md, cuda-h100.md), so CUDA C++ serves what Triton cannot (e.g.
 # Triton not installed) and on request. The Triton backend takes CPU tensors
 # only under Triton's interpreter, and then after the CPU kernel.
-PRIORITY: List[Backend] = [CpuBackend(), TritonBackend(), CudaBackend(), ReferenceBackend()]
+# GPUs below compute capability 8.0, which effattn's kernels do not run on, get PyTorch's
+# memory-efficient kernel (sdpa_efficient; auto picks it nowhere else).
+PRIORITY: List[Backend] = [CpuBackend(), TritonBackend(), CudaBackend(), SdpaEfficientBackend(), ReferenceBackend()]
 BY_NAME: Dict[str, Backend] = {b.name: b for b in PRIORITY}
 
 
@@ -57,9 +60,11 @@ class BackendReport(dict):
 
 def _variant(backend: Backend, spec) -> str:
     try:
-        return backend.variant(spec)
+        variant = backend.variant(spec)
     except ValueError as exc:  # a configured variant that cannot run here
-        return f"but: {exc}"
+        variant = f"but: {exc}"
+    note = backend.auto_reason(spec)
+    return f"{variant}; {note}" if variant and note else (variant or note)
 
 
 def report(*args, **kwargs) -> BackendReport:
@@ -85,7 +90,10 @@ def select(spec: AttentionSpec, backend: str = "auto") -> Backend:
     skipped = []
     for b in PRIORITY:
         reasons = b.reasons(spec)
-        if not reasons:
+        passed_over = "" if reasons else b.auto_reason(spec)
+        if passed_over:
+            reasons = [passed_over]
+        elif not reasons:
             if b.materializes_scores and skipped and not torch.compiler.is_compiling():
                 # (not while compiling: the eager run of the same call has warned already,
                 # and a warning would be a graph break)

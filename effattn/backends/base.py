@@ -43,7 +43,8 @@ class Backend:
 
     Subclasses set the class attributes (the declaration) and implement
     ``forward``; they may add ``limits`` (reasons beyond the declaration, e.g.
-    a grid size) and ``variant`` (the name of the kernel variant a call runs).
+    a grid size), ``variant`` (the name of the kernel variant a call runs) and
+    ``auto_reason`` (why ``auto`` passes over a call it could serve).
     The dispatcher calls ``reasons(spec)``: ``unavailable_reasons`` (usable
     on this machine at all?) or else ``not_supported_reasons`` (can it serve
     this call?), each a list of sentences, empty meaning yes. The test matrix
@@ -69,6 +70,11 @@ class Backend:
 
     def variant(self, spec: AttentionSpec) -> str:
         """The kernel variant that serves ``spec`` (shown by effattn.backends), or ""."""
+        return ""
+
+    def auto_reason(self, spec: AttentionSpec) -> str:
+        """Why ``auto`` passes over this backend for a call it can serve ("": it does not);
+        such a backend runs when asked for by name."""
         return ""
 
     def not_supported_reasons(self, spec: AttentionSpec) -> List[str]:
