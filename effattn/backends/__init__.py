@@ -5,7 +5,8 @@
 serve it (and the kernel variant each would run) and why each other one
 cannot. (This package is callable for that.)
 
-``auto`` picks the first backend in ``PRIORITY`` that can serve the call;
+``auto`` picks the first backend in ``PRIORITY`` that can serve the call
+(one with an ``auto_note``, e.g. sdpa_efficient, only where the note says);
 the reference math comes last, with a warning, since it materialises the
 (L, S) score matrix. A call no backend serves raises NotImplementedError (a
 RuntimeError) with every backend's reasons.
@@ -70,7 +71,8 @@ def _variant(backend: Backend, spec) -> str:
 def report(*args, **kwargs) -> BackendReport:
     """Which backends can serve a call (or, with no arguments, exist here)."""
     if not args and not kwargs:
-        return BackendReport((b.name, b.unavailable_reasons()) for b in PRIORITY)
+        return BackendReport(((b.name, b.unavailable_reasons()) for b in PRIORITY),
+                             {b.name: b.auto_note for b in PRIORITY if b.auto_note})
     spec = make_spec(*args, **kwargs)
     reasons = {b.name: b.reasons(spec) for b in PRIORITY}
     return BackendReport(reasons, {b.name: _variant(b, spec) for b in PRIORITY if not reasons[b.name]})

@@ -72,6 +72,8 @@ class Backend:
         """The kernel variant that serves ``spec`` (shown by effattn.backends), or ""."""
         return ""
 
+    auto_note: str = ""  # where auto picks this backend, when not wherever it can serve (effattn.backends())
+
     def auto_reason(self, spec: AttentionSpec) -> str:
         """Why ``auto`` passes over this backend for a call it can serve ("": it does not);
         such a backend runs when asked for by name."""

@@ -100,10 +100,12 @@ class SdpaEfficientBackend(Backend):
                                f"{spec.device} has {cap // 10}.{cap % 10}")
         return reasons
 
+    auto_note = "auto picks it only on CUDA GPUs below compute capability 8.0"
+
     def auto_reason(self, spec) -> str:
         if spec.device_type == "cuda" and self._capability(spec) < KERNEL_CC:
             return ""
-        return "auto picks it only on CUDA GPUs below compute capability 8.0 (backend='sdpa_efficient' asks for it)"
+        return f"{self.auto_note} (backend='sdpa_efficient' asks for it)"
 
     def variant(self, spec) -> str:
         if spec.device_type == "cpu":
