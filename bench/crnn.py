@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The CRNN scenario: seconds per 10 training iterations with each kind of attention.
 
-    python3 bench/crnn.py                       # CUDA: B=32, T=800, hidden 256, bf16 autocast, 8 GiB cap
+    python3 bench/crnn.py                       # CUDA: B=32, T=800, hidden 256, bf16 autocast (fp16 below 8.0), 8 GiB cap
     python3 bench/crnn.py --device cpu          # a smaller model (see --help), each variant in a fresh process
     python3 bench/crnn.py --quick               # tiny smoke run
 
@@ -122,6 +122,32 @@ def make_batch(rt, B, T, classes, seed=0):
     return images, targets, torch.full((B,), T, dtype=torch.long), torch.full((B,), n, dtype=torch.long)
 
 
+def amp_dtype(rt):
+    """bf16 autocast from compute capability 8.0; float16 below (no bf16 tensor cores there)."""
+    return torch.bfloat16 if not rt.cuda or rt.fake or torch.cuda.get_device_capability() >= (8, 0) else torch.float16
+
+
+# Which effattn path each GPU generation takes (effattn/backends: the declarations behind auto).
+GPU_PATHS = [
+    ("Hopper, Ada, Ampere (compute capability 8.0-9.0)", "triton (or cuda: effattn's kernels)"),
+    ("Turing (7.5: T4, RTX 20xx), Volta (7.0: V100)", "sdpa_efficient (PyTorch's memory-efficient kernel; "
+                                                    "float16 or float32, bfloat16 needs 8.0)"),
+    ("Pascal, Maxwell (6.x, 5.x: GTX 10xx, 9xx)", "sdpa_efficient, on a torch <= 2.14 cu126 build (CUDA 12.6: "
+                                                  "the last that targets them)"),
+]
+
+
+def attention_path(rt, args):
+    """The backend (and its kernel variant) auto picks for the model's attention call on this device."""
+    dtype = amp_dtype(rt) if rt.cuda and not rt.fake and args.amp else torch.float32
+    E = 2 * args.hidden // args.heads
+    q = torch.zeros(args.batch, args.heads, args.seq, E, device=rt.device, dtype=dtype, requires_grad=True)
+    spec = common.effattn.make_spec(q, q, q)
+    chosen = common.effattn.backends.select(spec)
+    variant = chosen.variant(spec)
+    return chosen.name + (f" ({variant})" if variant else "")
+
+
 class Trainer:
     def __init__(self, rt, variant, args, T):
         torch.manual_seed(0)
@@ -133,7 +159,7 @@ class Trainer:
 
     def step(self):
         images, targets, in_len, tgt_len = self.batch
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast("cuda", dtype=amp_dtype(self.rt), enabled=self.autocast):
             logp = self.model(images)
         loss = F.ctc_loss(logp, targets, in_len, tgt_len, zero_infinity=True)
         self.opt.zero_grad(set_to_none=True)
@@ -228,7 +254,8 @@ def tables(res, markdown=False):
                      else common.short(r.get("memory_status", "-"))])
     a = res["config"]
     out = [(f"CRNN B={a['batch']} T={a['seq']} hidden={a['hidden']} heads={a['heads']} "
-            f"(attention E={2 * a['hidden'] // a['heads']}){' bf16 autocast' if res['amp'] else ' float32'}"
+            f"(attention E={2 * a['hidden'] // a['heads']}){' autocast' if res['amp'] else ' float32'}"
+            + (f", effattn via {res['attention_backend']}" if res.get("attention_backend") else "")
             + (f", cap {res['cap_bytes'] / GiB:g} GiB" if res.get("cap_bytes") else "")
             + ": one training iteration (forward, CTC loss, backward, Adam)",
             common.table(["attention", "s / 10 iterations", "vs none", "added", "peak MiB"], rows, markdown))]
@@ -281,7 +308,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--cap-gib", type=float, default=None, help="CUDA memory cap (default 8; 0 = none)")
     ap.add_argument("--fit-seqs", default=None, help="T values for the fit check (default CUDA 800,1600,3200,6400)")
-    ap.add_argument("--no-amp", dest="amp", action="store_false", help="CUDA: float32 instead of bf16 autocast")
+    ap.add_argument("--no-amp", dest="amp", action="store_false", help="CUDA: float32 instead of autocast")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
@@ -309,6 +336,10 @@ def main(argv=None):
     a = args
     log(f"CRNN B={a.batch} T={a.seq} hidden={a.hidden} heads={a.heads} channels={a.channels}; variants "
         + ", ".join(variants) + (f"; cap {cap / GiB:g} GiB" if cap else ""))
+    path_here = attention_path(rt, a) if not rt.fake else "-"
+    log(f"effattn's attention here: {path_here}")
+    for gpus, path in GPU_PATHS:
+        log(f"  {gpus}: {path}")
     in_process = rt.cuda or q_
     prog = common.Progress(len(variants), args.max_seconds)
     timing = []
@@ -368,6 +399,7 @@ def main(argv=None):
     res = dict(meta=m, config=dict(batch=a.batch, seq=a.seq, hidden=a.hidden, heads=a.heads, classes=a.classes,
                                    channels=list(a.channels), iters=a.iters, warmup=a.warmup),
                amp=bool(rt.cuda and not rt.fake and a.amp), cap_bytes=cap or None, variants=variants,
+               attention_backend=path_here, gpu_paths=GPU_PATHS,
                measure=("torch.cuda.max_memory_allocated" if rt.cuda and not rt.fake else
                         "peak RSS growth, fresh process per variant" if not in_process else "process RSS (smoke run)"),
                timing=timing, fit=fit, goals=goals, runtime_s=prog.elapsed())
