@@ -16,8 +16,10 @@ Environment:
                            build_facts' CUDA_HEAD_DIMS); other head dims run on the next larger one
   EFFATTN_UNVERIFIED=1     also compile the code that has not yet run where it is meant to: the
                            Hopper kernels (wgmma + TMA, with 9.0a in the arch list; never run on a
-                           GPU) and the test-only CPU variant avx2_wide. CI sets it, so they keep
-                           compiling; the default build (and the wheel) holds only verified code.
+                           GPU), the Turing tiles (with 7.5 in the arch list, e.g. "7.5;8.0;...";
+                           never run on a GPU) and the test-only CPU variant avx2_wide. CI sets it,
+                           so they keep compiling; the default build (and the wheel) holds only
+                           verified code.
   EFFATTN_SANITIZE=1       AddressSanitizer + UndefinedBehaviorSanitizer on the C++ code (with
                            EFFATTN_CPU_ONLY=1; run with libasan preloaded, as .ci/run does)
   DEBUG=1                  -O0 -g
@@ -96,11 +98,14 @@ def extension():
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         ptx = FACTS["CUDA_PTX_ARCH"].replace(".", "")
         nvcc.append(f"-gencode=arch=compute_{ptx},code=compute_{ptx}")
-        sm90a = "90a" in archs
+        sm90a, sm75 = "90a" in archs, "75" in archs
     else:
-        sm90a = any(a.split("+")[0] == "9.0a" for a in arch_list.replace(" ", ";").split(";"))
-    # The Hopper kernels (wgmma, TMA: sm_90a code) only when asked for (EFFATTN_UNVERIFIED=1).
+        listed = [a.split("+")[0] for a in arch_list.replace(" ", ";").split(";")]
+        sm90a, sm75 = "9.0a" in listed, "7.5" in listed
+    # The Hopper kernels (wgmma, TMA: sm_90a code) and the Turing tiles (sm_75: kernels that
+    # need sm_80 PTX lowered in csrc/cuda/ptx.h) only when asked for (EFFATTN_UNVERIFIED=1).
     nvcc += ["-DEFFATTN_CUDA_SM90A"] if sm90a and UNVERIFIED else []
+    nvcc += ["-DEFFATTN_CUDA_SM75"] if sm75 and UNVERIFIED else []
     return CUDAExtension(
         sources=sources + cuda_sources,
         extra_compile_args={"cxx": cxx + ["-DEFFATTN_WITH_CUDA"], "nvcc": nvcc},

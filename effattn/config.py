@@ -34,6 +34,11 @@ OPTIONS = {
     "cuda_sm90_bwd": ("EFFATTN_CUDA_SM90_BWD", "0", ("0", "1", "require")),
     # The CUDA backward's sm_80 tile set: by the GPU's shared memory, or forced.
     "cuda_bwd_tiles": ("EFFATTN_CUDA_BWD_TILES", "auto", ("auto", "large", "small")),
+    # The CUDA kernels' Turing tiles (<= 64 KB of shared memory, float16, head dims <= 128), built
+    # only with EFFATTN_UNVERIFIED=1 and 7.5 in the arch list: "auto" on GPUs below compute
+    # capability 8.0; "force" on every GPU (to run a build whose only code is compute_75 PTX
+    # through the driver's JIT on a newer GPU: csrc/cuda/dev/gpu_check.sh).
+    "cuda_sm75": ("EFFATTN_CUDA_SM75", "auto", ("auto", "force")),
 }
 
 cpu_isa: str
@@ -43,6 +48,7 @@ triton_stats: str
 cuda_sm90: str
 cuda_sm90_bwd: str
 cuda_bwd_tiles: str
+cuda_sm75: str
 
 for _name, (_env, _default, _choices) in OPTIONS.items():
     globals()[_name] = os.environ.get(_env, _default) or _default

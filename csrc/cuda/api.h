@@ -19,6 +19,7 @@ enum Variant : int64_t {
   kSm90Bwd = 2,        // the Hopper backward, likewise
   kSm90Require = 4,    // a call the Hopper kernels cannot take is an error, not the sm_80 kernel (tests)
   kBwdTilesLarge = 8,  // the sm_80 backward's Large tiles; else Small (<= 99 KB, every sm_80+ GPU)
+  kSm75 = 16,          // the Turing tiles (<= 64 KB, float16, D <= 128; opt-in builds only)
 };
 
 // The kernel head dim serving head dims (E, Ev): the smallest compiled tile
@@ -30,6 +31,9 @@ int64_t compiled_head_dims();
 // Whether the Hopper kernels (sm_90a: wgmma, TMA) are compiled: forward and
 // backward at head dims 64 and 128, in builds with EFFATTN_UNVERIFIED=1 only.
 bool sm90_kernels_compiled();
+// Whether the Turing tiles (kSm75) are compiled, with sm_75 code: builds with
+// EFFATTN_UNVERIFIED=1 and 7.5 in the arch list only.
+bool sm75_kernels_compiled();
 // The shared memory of the sm_80 backward's Large tiles at a compiled kernel head dim (0: none).
 int64_t bwd_large_smem(int head_dim);
 

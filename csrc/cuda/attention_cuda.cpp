@@ -105,7 +105,8 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(Tensor grad_out, std::optional<Tenso
 }
 
 int64_t cuda_variants() {
-  return cuda::compiled_head_dims() | (cuda::sm90_kernels_compiled() ? int64_t(1) << 16 : 0);
+  return cuda::compiled_head_dims() | (cuda::sm90_kernels_compiled() ? int64_t(1) << 16 : 0) |
+         (cuda::sm75_kernels_compiled() ? int64_t(1) << 17 : 0);
 }
 
 int64_t cuda_bwd_large_smem(int64_t head_dim) { return cuda::bwd_large_smem(static_cast<int>(head_dim)); }

@@ -82,14 +82,29 @@ struct Sm90FwdTraits {
 };
 
 template <typename T, int D> struct FwdConfig;
-template <typename T> struct FwdConfig<T, 32> { using Traits = FwdTraits<T, 32, 2, 64, 4>; };
+// Turing (sm_75, opt-in builds only: EFFATTN_CUDA_SM75) lets a block opt into
+// 64 KB of shared memory, and has no bfloat16 MMA: its tiles (Sm75, float16
+// only) are the forward's own up to D = 128 (20, 36, 39 and 51 KB) and smaller
+// backward tiles (BwdConfig). 192 and 256 have none (the forward alone takes
+// 75 and 99 KB): the cuda backend refuses them below compute capability 8.0.
+constexpr size_t kSmemTuring = 64 * 1024;
+
+template <typename T> struct FwdConfig<T, 32> {
+  using Traits = FwdTraits<T, 32, 2, 64, 4>;
+  using Sm75 = Traits;
+};
 template <typename T> struct FwdConfig<T, 64> {
   using Traits = FwdTraits<T, 64, 2, 64, 4>;
+  using Sm75 = Traits;
   using Sm90 = Sm90FwdTraits<T, 64, 128>;  // 80 KB
 };
-template <typename T> struct FwdConfig<T, 96> { using Traits = FwdTraits<T, 96, 2, 32, 4>; };
+template <typename T> struct FwdConfig<T, 96> {
+  using Traits = FwdTraits<T, 96, 2, 32, 4>;
+  using Sm75 = Traits;
+};
 template <typename T> struct FwdConfig<T, 128> {
   using Traits = FwdTraits<T, 128, 2, 32, 4>;
+  using Sm75 = Traits;
   // S (64 x 128) and O (64 x 128) take 64 float registers each per thread.
   using Sm90 = Sm90FwdTraits<T, 128, 128>;  // 161 KB
 };
@@ -150,6 +165,9 @@ constexpr size_t kSmemConsumerGpu = 99 * 1024;
 // and 91 KB; 96: 88 KB), 32-query steps at 128 (74 KB), and for 192/256
 // 16-query steps, 192 in three column splits of 64 (with 4 warps, kDqCols
 // must be a multiple of 16: 78 KB) and 256 with 32 keys (2 warps, 68 KB).
+// Sm75 (64 KB, Turing): D = 32's Large tiles fit (59 KB); from 64 on, 64 keys
+// per block (4 warps) with 32-query steps at 64 and 96 (42 and 58 KB) and 16
+// at 128 (54 KB).
 // Hopper backward tiles (sm_90a, flash_bwd_sm90_kernel.h): 128 keys per block
 // as 2 warpgroups x 64 (wgmma's M), whose dK and dV (64 x D floats each) stay
 // in registers; 64 queries per step, Q and dO in a kStages-deep TMA ring; dS^T
@@ -190,19 +208,23 @@ template <typename T, int D> struct BwdConfig;
 template <typename T> struct BwdConfig<T, 32> {
   using Large = BwdTraits<T, 32, 128, 64, 8>;
   using Small = Large;
+  using Sm75 = Large;
 };
 template <typename T> struct BwdConfig<T, 64> {
   using Large = BwdTraits<T, 64, 128, 64, 8>;
   using Small = Large;
+  using Sm75 = BwdTraits<T, 64, 64, 32, 4>;
   using Sm90 = Sm90BwdTraits<T, 64>;  // 97 KB
 };
 template <typename T> struct BwdConfig<T, 96> {
   using Large = BwdTraits<T, 96, 128, 64, 8>;
   using Small = BwdTraits<T, 96, 64, 64, 4>;
+  using Sm75 = BwdTraits<T, 96, 64, 32, 4>;
 };
 template <typename T> struct BwdConfig<T, 128> {
   using Large = BwdTraits<T, 128, 128, 64, 8>;
   using Small = BwdTraits<T, 128, 64, 32, 4>;
+  using Sm75 = BwdTraits<T, 128, 64, 16, 4>;
   using Sm90 = Sm90BwdTraits<T, 128>;  // 161 KB
 };
 template <typename T> struct BwdConfig<T, 192> {

@@ -7,7 +7,10 @@
 // The Hopper kernels (flash_{fwd,bwd}_sm90_kernel.h) are compiled only into
 // builds that ask for them (EFFATTN_CUDA_SM90A: setup.py with
 // EFFATTN_UNVERIFIED=1 and 9.0a in the arch list): they have not yet run on a
-// GPU, so the default build holds none of their code.
+// GPU, so the default build holds none of their code. Likewise the Turing
+// tiles (kernel_traits.h's Sm75, float16; EFFATTN_CUDA_SM75: setup.py with
+// EFFATTN_UNVERIFIED=1 and 7.5 in the arch list), which the kSm75 variant bit
+// asks for.
 #pragma once
 
 #include <cuda.h>
@@ -171,11 +174,40 @@ cudaError_t maybe_sm90(int64_t variant, int64_t bit, TrySm90&& try_sm90, bool* h
 }
 #endif  // EFFATTN_CUDA_SM90A
 
-// The forward the variant asks for: the Hopper kernel where the head dim has
-// one, kSm90Fwd asks for it and it can run; the sm_80 kernel otherwise.
+#if defined(EFFATTN_CUDA_SM75)
+template <typename Config, typename = void>
+struct HasSm75 : std::false_type {};
+template <typename Config>
+struct HasSm75<Config, std::void_t<typename Config::Sm75>> : std::true_type {};
+
+// Whether Config has Turing tiles for T (float16 only: Turing has no bfloat16 MMA).
+template <typename Config, typename T>
+constexpr bool sm75_tiles() {
+  if constexpr (HasSm75<Config>::value) {
+    static_assert(Config::Sm75::kSmemBytes <= kSmemTuring, "the Turing tiles fit an sm_75 block");
+    return std::is_same_v<T, __half>;
+  } else {
+    return false;
+  }
+}
+#endif  // EFFATTN_CUDA_SM75
+
+// The forward the variant asks for: the Turing tiles under kSm75 (a call
+// without them is cudaErrorNotSupported); the Hopper kernel where the head
+// dim has one, kSm90Fwd asks for it and it can run; the sm_80 kernel otherwise.
 template <typename Config>
 cudaError_t launch_fwd_for_device(const FwdParams& p, bool aligned, int64_t variant, cudaStream_t stream) {
   if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) return cudaSuccess;
+#if defined(EFFATTN_CUDA_SM75)
+  if (variant & kSm75) {
+    if constexpr (sm75_tiles<Config, typename Config::Traits::T>()) {
+      using Traits = typename Config::Sm75;
+      return launch_fwd_kernel<Traits>(&flash_fwd_kernel<Traits>, p, aligned, stream);
+    } else {
+      return cudaErrorNotSupported;
+    }
+  }
+#endif
 #if defined(EFFATTN_CUDA_SM90A)
   if constexpr (HasSm90<Config>::value) {
     if (p.seqlen_k > 0) {  // no keys: nothing to load, the sm_80 kernel writes the zeros
@@ -253,14 +285,23 @@ cudaError_t launch_bwd_sm90(const BwdParams& p, cudaStream_t stream, bool* launc
 }
 #endif  // EFFATTN_CUDA_SM90A
 
-// The backward the variant asks for: the Hopper kernel as above (kSm90Bwd);
-// else the sm_80 kernel's Large tiles (kBwdTilesLarge: the cuda backend picks
-// them where their shared memory fits what a block may opt into) or Small
-// (<= 99 KB, every sm_80+ GPU).
+// The backward the variant asks for: the Turing tiles under kSm75, as the
+// forward; the Hopper kernel as above (kSm90Bwd); else the sm_80 kernel's
+// Large tiles (kBwdTilesLarge: the cuda backend picks them where their shared
+// memory fits what a block may opt into) or Small (<= 99 KB, every sm_80+ GPU).
 template <typename Config>
 cudaError_t launch_bwd_for_device(const BwdParams& p, bool aligned, int64_t variant, cudaStream_t stream) {
   using Large = typename Config::Large;
   using Small = typename Config::Small;
+#if defined(EFFATTN_CUDA_SM75)
+  if (variant & kSm75) {
+    if constexpr (sm75_tiles<Config, typename Large::T>()) {
+      return launch_bwd<typename Config::Sm75>(p, aligned, stream);
+    } else {
+      return cudaErrorNotSupported;
+    }
+  }
+#endif
 #if defined(EFFATTN_CUDA_SM90A)
   if constexpr (HasSm90<Config>::value) {  // the Hopper backward where the variant asks for it
     if (p.batch > 0 && p.heads_q > 0 && p.heads_kv > 0 && p.seqlen_k > 0 && p.seqlen_q > 0) {

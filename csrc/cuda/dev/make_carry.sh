@@ -14,4 +14,11 @@ for nv in "${@:2}"; do
   cp -r "$dir/effattn" "$DST/var/$name/" && find "$DST/var/$name" -name __pycache__ -prune -exec rm -rf {} +
   strip --strip-debug "$DST/var/$name/effattn/_C.abi3.so"
 done
+# The Turing tiles' check (gpu_check.sh): SM75_BUILD=DIR, a tree built with EFFATTN_UNVERIFIED=1
+# and TORCH_CUDA_ARCH_LIST="7.5+PTX" (its only code: sm_75 SASS and compute_75 PTX).
+if [ -n "${SM75_BUILD:-}" ]; then
+  mkdir -p "$DST/sm75"
+  cp -r "$SM75_BUILD/effattn" "$DST/sm75/" && find "$DST/sm75" -name __pycache__ -prune -exec rm -rf {} +
+  strip --strip-debug "$DST/sm75/effattn/_C.abi3.so"
+fi
 du -sh "$DST"
