@@ -131,7 +131,8 @@ def amp_dtype(rt):
 GPU_PATHS = [
     ("Hopper, Ada, Ampere (compute capability 8.0-9.0)", "triton (or cuda: effattn's kernels)"),
     ("Turing (7.5: T4, RTX 20xx), Volta (7.0: V100)", "sdpa_efficient (PyTorch's memory-efficient kernel; "
-                                                    "float16 or float32, bfloat16 needs 8.0)"),
+                                                    "float16 or float32, bfloat16 needs 8.0); on Turing, cuda's "
+                                                    "Turing tiles in an opt-in build (never run on a GPU)"),
     ("Pascal, Maxwell (6.x, 5.x: GTX 10xx, 9xx)", "sdpa_efficient, on a torch <= 2.14 cu126 build (CUDA 12.6: "
                                                   "the last that targets them)"),
 ]
